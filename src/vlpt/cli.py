@@ -1,0 +1,184 @@
+"""`vlpt train|eval|demo|data|recipes`: the command line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+TRAIN_EXAMPLES = """examples:
+  vlpt train clip --out runs/clip                          # CLIP on the built-in scenes
+  vlpt train clip data=flickr8k:../shared/data/flickr8k model=tiny-clip train.epochs=5 --out runs/f8k
+  vlpt train siglip data=my_captions.csv train.steps=2000 train.batch_size=256
+  vlpt train clip --out runs/clip --resume                 # continue an interrupted run
+  torchrun --nproc_per_node 8 -m vlpt train clip model=vit-b16 data=wds:'shards/{000000..000999}.tar'
+
+Every key of the resolved config can be set as key=value (see a run's config.yaml);
+`data=X` is short for data.source=X and `model=P` for model.preset=P."""
+
+EVAL_EXAMPLES = """examples:
+  vlpt eval runs/demo                                      # the recipe's evaluation suite
+  vlpt eval runs/demo --task zeroshot:scenes:shape --json
+  vlpt eval runs/f8k --task retrieval:flickr8k:../shared/data/flickr8k:test
+  vlpt eval runs/f8k --task zeroshot:folder:../shared/data/cifar10/test
+
+tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA (DATA as in `vlpt data --help`)."""
+
+DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
+  scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape
+  flickr8k[:PATH][:SPLIT]   Flickr8k layout (captions.txt + split files); SPLIT: train, dev, test, all
+  csv:PATH | tsv:PATH       a captions table (image path + caption columns)
+  coco:JSON[:IMAGE_ROOT]    COCO captions JSON
+  folder:PATH[:SPLIT]       class-per-folder images; labels become text with prompt templates
+  cifar10:SPLIT             the CIFAR-10 folder of ../shared/data
+  wds:PATTERN               WebDataset shards, e.g. wds:'shards/{000000..000009}.tar'
+  A + B@0.3                 a weighted mixture of sources (weights default to 1)
+  a bare path is recognised by its layout."""
+
+
+def _train(args) -> int:
+    from vlpt import config as config_lib
+    from vlpt.train import loop
+
+    out = Path(args.out or f"runs/{Path(args.recipe).stem}")
+    if args.resume and (out / "config.yaml").exists():
+        saved = __import__("yaml").safe_load((out / "config.yaml").read_text())
+        cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
+    else:
+        cfg = config_lib.resolve(args.recipe, args.overrides)
+    results = loop.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    if results:
+        print(format_results(results, title=f"{cfg.recipe} -> {out}"))
+    return 0
+
+
+def _eval(args) -> int:
+    from vlpt.eval.defaults import resolve_tasks
+    from vlpt.eval.tasks import run_suite
+    from vlpt.inference import Encoder, load_pretrainer
+
+    cfg, tokenizer, module, ckpt = load_pretrainer(args.checkpoint)
+    tasks = args.task or resolve_tasks(cfg.eval.tasks, cfg.data.source)
+    if not tasks:
+        raise SystemExit(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; give --task")
+    results = run_suite(tasks, Encoder(module.model, tokenizer), templates=args.templates or cfg.eval.templates,
+                       progress=not args.json)
+    if args.json:
+        print(json.dumps(results))
+    else:
+        print(format_results(results, title=str(ckpt)))
+    return 0
+
+
+def _demo(args) -> int:
+    """CLIP on the built-in scenes, sized to finish in a few minutes on 2 CPU cores."""
+    from vlpt import config as config_lib
+    from vlpt.train import loop
+
+    out = Path(args.out)
+    if (out / "checkpoints").exists():
+        import shutil
+
+        shutil.rmtree(out)  # the demo always starts fresh
+    cfg = config_lib.resolve("clip", args.overrides)
+    print(f"vlpt demo: CLIP, model={cfg.model.preset}, {cfg.train.steps} steps of {cfg.train.batch_size} "
+          f"on built-in scenes -> {out}", file=sys.stderr)
+    results = loop.train(cfg, out, progress=True)
+    print(format_results(results, title=f"vlpt demo (CLIP on built-in scenes), run folder {out}"))
+    return 0
+
+
+def _data(args) -> int:
+    if args.data_cmd == "pack":
+        from vlpt.data.webdataset_io import pack
+
+        shards = pack(args.spec, args.out, maxcount=args.maxcount, size=args.size)
+        print(f"wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}" if shards else "wrote nothing")
+    elif args.data_cmd == "info":
+        from vlpt.data.sources import open_data
+
+        data, weights = open_data(args.spec)
+        print(f"{data.name}: {data.num_images} images, {len(data)} captions"
+              + (f", {len(data.classnames)} classes" if data.classnames else "")
+              + (", weighted mixture" if weights is not None else ""))
+        for t, i in list(zip(data.captions, data.caption_image))[: args.show]:
+            print(f"  [{i}] {t}")
+    return 0
+
+
+def _recipes(args) -> int:
+    from vlpt.config import RECIPES_DIR, available_recipes
+
+    for name in available_recipes():
+        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
+        print(f"{name:10s} {first}")
+    return 0
+
+
+def format_results(results: dict, title: str = "") -> str:
+    width = max((len(k) for k in results), default=10)
+    lines = [title, "-" * (width + 12)] if title else []
+    lines += [f"{k:<{width}}  {v:8.2f}" for k, v in results.items()]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlpt", description="Vision-language pre-training: every objective as a recipe.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    t = sub.add_parser("train", help="pre-train a recipe", epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+    t.add_argument("recipe", help="recipe name (see `vlpt recipes`) or path to a recipe YAML")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    t.add_argument("--out", help="run folder (default runs/RECIPE)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(fn=_train)
+
+    e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EVAL_EXAMPLES, formatter_class=fmt)
+    e.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
+    e.add_argument("--task", action="append", help="evaluation task (repeatable); default: the recipe's suite")
+    e.add_argument("--templates", help="prompt templates: imagenet80 (default) or simple")
+    e.add_argument("--json", action="store_true", help="print exactly one JSON object of metrics on stdout")
+    e.set_defaults(fn=_eval)
+
+    d = sub.add_parser("demo", help="CLIP on built-in scenes in a few minutes, with results")
+    d.add_argument("overrides", nargs="*", metavar="key=value")
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(fn=_demo)
+
+    da = sub.add_parser("data", help="inspect data sources, write WebDataset shards", epilog=DATA_HELP, formatter_class=fmt)
+    dsub = da.add_subparsers(dest="data_cmd", required=True)
+    info = dsub.add_parser("info", help="count images and captions of a data spec", epilog=DATA_HELP, formatter_class=fmt)
+    info.add_argument("spec")
+    info.add_argument("--show", type=int, default=5, help="print the first N captions")
+    pk = dsub.add_parser("pack", help="write any source as WebDataset shards", epilog=DATA_HELP + "\n\nexample:\n"
+                         "  vlpt data pack flickr8k:../shared/data/flickr8k:train 'shards/f8k-%%06d.tar' --size 64",
+                         formatter_class=fmt)
+    pk.add_argument("spec")
+    pk.add_argument("out", help="shard name pattern, e.g. shards/train-%%06d.tar")
+    pk.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
+    pk.add_argument("--size", type=int, help="re-encode images at this size (default: keep the files)")
+    da.set_defaults(fn=_data)
+
+    r = sub.add_parser("recipes", help="list the recipes")
+    r.set_defaults(fn=_recipes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlpt.config import ConfigError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"vlpt: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vlpt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,321 @@
+"""Typed configs: a recipe YAML, then a model preset, then `a.b=c` overrides, checked before any work."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 64
+    patch_size: int = 8
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    pool: str = "cls"  # cls | gap | max | map
+
+
+@dataclass
+class TextConfig:
+    context_length: int = 32
+    width: int = 256
+    depth: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    embed_dim: int = 256
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 4096
+    path: str | None = None  # an existing HF tokenizer.json to use instead of training one
+
+
+@dataclass
+class DataConfig:
+    source: str = "scenes"  # see `vlpt data --help` for the spec grammar
+    max_bad_fraction: float = 0.01
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop; [1, 1] = off
+    cache_images: bool = True  # decode every image once into memory (else decode per batch in workers)
+    num_workers: int = 0
+
+
+@dataclass
+class ObjectiveConfig:
+    weight: float = 1.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    steps: int | None = None
+    epochs: float | None = None
+    samples: int | None = None
+    batch_size: int = 128
+    accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: bool = False
+    seed: int = 0
+    deterministic: bool = False
+    threads: int = 0  # 0 = torch's default
+    log_every: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = only at the end
+    keep: int = 2
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: ["auto"])  # "auto" = the suite that fits the data
+    every_steps: int = 0
+    templates: str = "imagenet80"
+
+
+@dataclass
+class Config:
+    recipe: str = "clip"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SHORTHANDS = {"data": "data.source", "model": "model.preset"}
+BUDGET_KEYS = ("train.steps", "train.epochs", "train.samples")
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not path.exists():
+        near = difflib.get_close_matches(str(name_or_path), available_recipes(), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown recipe '{name_or_path}'.{hint} Recipes: {', '.join(available_recipes())}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("recipe", path.stem)
+    return raw
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """['train.steps=10', 'data=scenes'] -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value (e.g. train.steps=100)")
+        key, value = item.split("=", 1)
+        key = SHORTHANDS.get(key.strip(), key.strip())
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else None
+    return out
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _valid_keys(cls, prefix="") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += _valid_keys(hints[f.name], name + ".")
+    return keys
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (it,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(v, it, key) for v in value]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}")
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a number, got {value!r}") from None
+        if tp is int:
+            if number != int(number):
+                raise ConfigError(f"'{key}' must be a whole number, got {value!r}")
+            return int(number)
+        return number
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"'{key}' must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {key}")
+
+
+def _build(cls, raw: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise _unknown(prefix + k)
+    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()})
+
+
+def _objectives(raw: dict) -> dict:
+    """`objectives: {contrastive: {weight: 1, local_loss: true}}`: everything but weight is an option."""
+    out = {}
+    for name, spec in (raw or {}).items():
+        spec = dict(spec or {})
+        weight = spec.pop("weight", 1.0)
+        out[name] = {"weight": weight, "options": {**spec.pop("options", {}), **spec}}
+    return out
+
+
+def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
+    """Recipe YAML <- model preset <- overrides, then validated."""
+    from vlpt.models.presets import PRESETS  # models import config; keep the import one-way at load time
+
+    raw = load_recipe(recipe)
+    top = parse_overrides(overrides) if isinstance(overrides, list) else (overrides or {})
+    if any(k in top.get("train", {}) for k in ("steps", "epochs", "samples")):
+        for k in ("steps", "epochs", "samples"):  # a budget given on the command line replaces the recipe's
+            raw.get("train", {}).pop(k, None)
+    for section, key in (("data", "source"), ("model", "preset")):  # `data: scenes` = `data: {source: scenes}`
+        for d in (raw, top):
+            if isinstance(d.get(section), str):
+                d[section] = {key: d[section]}
+    raw = deep_merge(raw, top)
+    model = raw.get("model", {})
+    preset = model.get("preset", ModelConfig.preset)
+    if preset not in PRESETS:
+        near = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+        hint = f" Did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown model preset '{preset}' (model=...).{hint} Presets: {', '.join(PRESETS)}")
+    raw["model"] = deep_merge(PRESETS[preset], model)
+    raw["objectives"] = _objectives(raw.get("objectives"))
+    cfg = _build(Config, raw)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from vlpt.objectives import OBJECTIVES
+
+    v, t = cfg.model.vision, cfg.model.text
+    if v.image_size % v.patch_size:
+        raise ConfigError(
+            f"model.vision.image_size={v.image_size} is not divisible by model.vision.patch_size={v.patch_size}; "
+            f"pick e.g. image_size={v.image_size - v.image_size % v.patch_size}"
+        )
+    for name, tower in (("vision", v), ("text", t)):
+        if tower.width % tower.heads:
+            raise ConfigError(f"model.{name}.width={tower.width} must be a multiple of model.{name}.heads={tower.heads}")
+    if v.pool not in ("cls", "gap", "max", "map"):
+        raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
+    if not cfg.objectives:
+        raise ConfigError("the recipe has no objectives; add e.g. objectives.contrastive.weight=1")
+    for name in cfg.objectives:
+        if name not in OBJECTIVES:
+            near = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"unknown objective 'objectives.{name}'{hint} Objectives: {', '.join(OBJECTIVES)}")
+        OBJECTIVES[name].check_options(cfg.objectives[name].options, f"objectives.{name}")
+    tr = cfg.train
+    budgets = [k for k in ("steps", "epochs", "samples") if getattr(tr, k) is not None]
+    if len(budgets) != 1:
+        raise ConfigError(f"give exactly one budget of train.steps, train.epochs, train.samples (got {budgets or 'none'})")
+    if tr.batch_size % tr.accum_steps:
+        raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of train.accum_steps={tr.accum_steps}")
+    if tr.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.precision={tr.precision!r}: choose auto, fp32, bf16 or fp16")
+    if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["objectives"] = {k: {"weight": o["weight"], **o["options"]} for k, o in d["objectives"].items()}
+    return d
+
+
+def from_dict(d: dict) -> Config:
+    """Rebuild a saved (resolved) config without re-applying presets."""
+    d = dict(d)
+    d["objectives"] = _objectives(d.get("objectives"))
+    cfg = _build(Config, d)
+    validate(cfg)
+    return cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

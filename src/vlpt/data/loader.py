@@ -1,0 +1,82 @@
+"""Training batches as a pure function of the step: batch k is the same whatever happened before it,
+so resuming at step k needs no saved iterator state."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vlpt.data.dataset import ImageTextSet, to_uint8
+
+
+class StepBatches(Dataset):
+    """Item k = this rank's share of global batch k.
+
+    Uniform sources: a fresh seeded permutation of the captions each epoch, cut into global batches
+    (the last incomplete one dropped). Weighted mixtures: each global batch drawn with replacement by the
+    weights, seeded by the step. With `images` (every image decoded once, uint8 [N,3,S,S]) a batch is an
+    index; without, images are decoded here (in DataLoader workers), and unreadable ones are dropped from
+    the batch and counted in `bad`.
+    """
+
+    def __init__(
+        self,
+        data: ImageTextSet,
+        tokens: torch.Tensor,
+        batch_size: int,
+        seed: int,
+        image_size: int,
+        images: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ):
+        if len(data) < batch_size:
+            raise ValueError(f"the data set has {len(data)} captions, fewer than train.batch_size={batch_size}")
+        if batch_size % world:
+            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+        self.data, self.tokens, self.images, self.weights = data, tokens, images, weights
+        self.caption_image = torch.tensor(data.caption_image)
+        self.batch_size, self.seed, self.size, self.rank, self.world = batch_size, seed, image_size, rank, world
+        self.steps_per_epoch = len(data) // batch_size
+        self._perm_epoch, self._perm = -1, None
+
+    def __len__(self) -> int:  # effectively unbounded; the loop asks for the steps it runs
+        return 2**62
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        if self.weights is not None:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            return torch.multinomial(self.weights, self.batch_size, replacement=True, generator=g)
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(len(self.data), generator=g), epoch
+        return self._perm[j * self.batch_size : (j + 1) * self.batch_size]
+
+    def __getitem__(self, step: int) -> dict:
+        local = self.batch_size // self.world
+        idx = self.global_indices(step)[self.rank * local : (self.rank + 1) * local]
+        img_idx = self.caption_image[idx]
+        if self.images is not None:
+            return {"image": self.images[img_idx], "text": self.tokens[idx], "bad": 0}
+        images, keep = [], []
+        for k, i in enumerate(img_idx.tolist()):
+            try:
+                images.append(to_uint8(self.data.load(self.data.images[i]), self.size))
+                keep.append(k)
+            except Exception:  # unreadable image: dropped from this batch and counted by the loop
+                continue
+        image = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
+        return {"image": image, "text": self.tokens[idx[keep]], "bad": len(idx) - len(keep)}
+
+
+def batch_iterator(batches: StepBatches, start: int, stop: int, num_workers: int = 0):
+    loader = DataLoader(
+        batches,
+        sampler=range(start, stop),
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )
+    return iter(loader)

@@ -1,0 +1,83 @@
+"""Byte-level BPE (HF `tokenizers`) trained on the training captions; any tokenizer.json loads instead.
+
+A text becomes `<sot> tokens <eot> <pad>...` of fixed length; over-long texts are cut so that `<eot>` is
+always present (the CLIP text tower pools at it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+PAD, SOT, EOT, MASK, UNK = "<pad>", "<sot>", "<eot>", "<mask>", "<unk>"
+SPECIALS = [PAD, SOT, EOT, MASK, UNK]
+
+
+class TextTokenizer:
+    def __init__(self, tokenizer: Tokenizer, context_length: int):
+        missing = [t for t in SPECIALS if tokenizer.token_to_id(t) is None]
+        if missing:  # a foreign tokenizer.json: give it the special tokens vlpt needs
+            tokenizer.add_special_tokens(missing)
+        self.tok = tokenizer
+        self.context_length = context_length
+        self.pad_id, self.sot_id, self.eot_id, self.mask_id = (tokenizer.token_to_id(t) for t in SPECIALS[:4])
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> "TextTokenizer":
+        tok = Tokenizer(models.BPE(unk_token=UNK))
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok, context_length)
+
+    @classmethod
+    def from_str(cls, json_str: str, context_length: int) -> "TextTokenizer":
+        return cls(Tokenizer.from_str(json_str), context_length)
+
+    @classmethod
+    def from_file(cls, path: str | Path, context_length: int) -> "TextTokenizer":
+        return cls(Tokenizer.from_file(str(path)), context_length)
+
+    def to_str(self) -> str:
+        return self.tok.to_str()
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def __call__(self, texts: list[str] | str) -> torch.Tensor:
+        """Token ids [N, context_length] (int64)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        body = self.context_length - 2
+        out = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
+        for row, enc in zip(out, self.tok.encode_batch(list(texts), add_special_tokens=False)):
+            ids = enc.ids[:body]
+            row[0] = self.sot_id
+            row[1 : 1 + len(ids)] = ids
+            row[1 + len(ids)] = self.eot_id
+        return torch.from_numpy(out)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of the ids up to the first <eot>, specials dropped."""
+        kept = []
+        for i in ids:
+            i = int(i)
+            if i == self.eot_id:
+                break
+            if i not in (self.pad_id, self.sot_id, self.mask_id):
+                kept.append(i)
+        return self.tok.decode(kept).strip()

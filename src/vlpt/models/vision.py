@@ -1,0 +1,46 @@
+"""ViT image tower: patches -> transformer -> final LN -> tokens and a pooled feature (cls|gap|max|map)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlpt.config import VisionConfig
+from vlpt.models.layers import AttentionPool, Transformer
+
+# CLIP's pixel statistics; batches carry uint8 (or float 0-255) images and the tower normalises them.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.patch_embed = nn.Conv2d(3, w, cfg.patch_size, cfg.patch_size, bias=False)
+        n = (cfg.image_size // cfg.patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, w) * w**-0.5) if cfg.pool == "cls" else None
+        self.pos_embed = nn.Parameter(torch.randn(1, n + (cfg.pool == "cls"), w) * 0.02)
+        self.ln_pre = nn.LayerNorm(w)
+        self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
+        self.ln_post = nn.LayerNorm(w)
+        self.map_pool = AttentionPool(w, cfg.heads) if cfg.pool == "map" else None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] (uint8 or float in 0-255) -> (pooled [B,W], patch tokens [B,N,W])."""
+        x = (images.to(self.mean.dtype) - self.mean) / self.std
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = self.transformer(self.ln_pre(x + self.pos_embed))
+        x = self.ln_post(x)
+        pool = self.cfg.pool
+        if pool == "cls":
+            return x[:, 0], x[:, 1:]
+        if pool == "gap":
+            return x.mean(1), x
+        if pool == "max":
+            return x.amax(1), x
+        return self.map_pool(x)[:, 0], x

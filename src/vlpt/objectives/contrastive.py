@@ -1,0 +1,54 @@
+"""CLIP's softmax contrastive loss over the global batch (Radford et al. 2021)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlpt.objectives.base import Objective
+from vlpt.train.distributed import all_gather_with_grad, rank
+
+
+class Contrastive(Objective):
+    """Mean of image->text and text->image cross-entropy on exp(t) * img @ txt^T, t learned, exp(t) <= max_scale.
+
+    Across processes each rank scores its own rows against the gathered global columns ("local loss"):
+    the same gradient as the full global matrix with less memory. `local_loss: false` builds the whole
+    global matrix on every rank instead (same gradient again; kept to test that claim).
+    """
+
+    needs = frozenset({"image_embed", "text_embed"})
+
+    @dataclasses.dataclass
+    class Options:
+        init_temperature: float = 0.07
+        max_scale: float = 100.0
+        local_loss: bool = True
+        label_smoothing: float = 0.0
+
+    def __init__(self, options: dict | None = None):
+        super().__init__(options)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / self.opts.init_temperature)))
+
+    def scale(self) -> torch.Tensor:
+        return self.log_scale.clamp(max=math.log(self.opts.max_scale)).exp()
+
+    def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        img, txt = outputs["image_embed"].float(), outputs["text_embed"].float()
+        all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
+        scale = self.scale()
+        if self.opts.local_loss:
+            labels = torch.arange(img.shape[0], device=img.device) + rank() * img.shape[0]
+            logits_i2t, logits_t2i = scale * img @ all_txt.T, scale * txt @ all_img.T
+        else:
+            labels = torch.arange(all_img.shape[0], device=img.device)
+            logits_i2t = scale * all_img @ all_txt.T
+            logits_t2i = logits_i2t.T
+        ls = self.opts.label_smoothing
+        loss = (F.cross_entropy(logits_i2t, labels, label_smoothing=ls) + F.cross_entropy(logits_t2i, labels, label_smoothing=ls)) / 2
+        with torch.no_grad():
+            acc = (logits_i2t.argmax(1) == labels).float().mean()
+        return loss, {"scale": scale.detach(), "i2t_acc": acc}

@@ -1,0 +1,37 @@
+"""AdamW with no weight decay on 1-D parameters (biases, norm gains, temperatures); warm-up + cosine."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vlpt.config import TrainConfig
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        # 1-D tensors are biases, norm gains and scalars such as the log-temperature
+        (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(
+        param_groups(module, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+    )
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, warmup: int, total: int, lr: float, min_lr: float):
+    """Linear warm-up from 0 to lr over `warmup` steps, then cosine down to min_lr at `total`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))) / lr
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
