@@ -46,7 +46,12 @@ def _train(args) -> int:
         cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
-    results = loop.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    try:
+        results = loop.train(cfg, out, resume=args.resume, progress=not args.quiet)
+    finally:
+        from vlpt.train.distributed import teardown
+
+        teardown()
     if results:
         print(format_results(results, title=f"{cfg.recipe} -> {out}"))
     return 0
@@ -85,6 +90,7 @@ def _demo(args) -> int:
           f"on built-in scenes -> {out}", file=sys.stderr)
     results = loop.train(cfg, out, progress=True)
     print(format_results(results, title=f"vlpt demo (CLIP on built-in scenes), run folder {out}"))
+    print("chance: zero-shot colour 12.5%, shape 20%, colour+shape 2.5%; retrieval R@1 0.2% (500 images, 1,000 captions)")
     return 0
 
 

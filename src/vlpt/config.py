@@ -27,6 +27,7 @@ class VisionConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     pool: str = "cls"  # cls | gap | max | map
+    stem: str = "patch"  # patch (linear patchify) | conv (stride-2 3x3 convolutions, Xiao et al. 2021)
 
 
 @dataclass
@@ -280,6 +281,10 @@ def validate(cfg: Config) -> None:
     for name, tower in (("vision", v), ("text", t)):
         if tower.width % tower.heads:
             raise ConfigError(f"model.{name}.width={tower.width} must be a multiple of model.{name}.heads={tower.heads}")
+    if v.stem not in ("patch", "conv"):
+        raise ConfigError(f"model.vision.stem={v.stem!r}: choose patch or conv")
+    if v.stem == "conv" and (v.patch_size & (v.patch_size - 1) or v.patch_size < 2):
+        raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size, got {v.patch_size}")
     if v.pool not in ("cls", "gap", "max", "map"):
         raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
     if not cfg.objectives:

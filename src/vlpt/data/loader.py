@@ -30,7 +30,7 @@ class StepBatches(Dataset):
         rank: int = 0,
         world: int = 1,
     ):
-        if len(data) < batch_size:
+        if weights is None and len(data) < batch_size:  # an epoch must hold at least one batch
             raise ValueError(f"the data set has {len(data)} captions, fewer than train.batch_size={batch_size}")
         if batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")

@@ -37,6 +37,7 @@ def setup() -> torch.device:
 
 def teardown() -> None:
     if is_distributed():
+        dist.barrier()  # no rank may tear down gloo while another still talks to it (it aborts)
         dist.destroy_process_group()
 
 

@@ -119,7 +119,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    seed_everything(cfg.train.seed + rank)
+    seed_everything(cfg.train.seed)  # same init on every rank; per-rank randomness comes from `aug`
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_lib.dump(cfg))

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# A/B training throughput, vlpt vs open_clip, same shapes (tiny-clip), same machine, interleaved rounds.
+# Needs the peer venv: ../shared/peers/open_clip/setup.sh /tmp/peer-openclip
+# Usage: benchmarks/ab_open_clip.sh [ROUNDS] [BATCH]   -> one RESULT line per run, then medians.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${1:-3}; BATCH=${2:-64}
+PEER=${PEER:-/tmp/peer-openclip}
+BENCH=$(cd ../shared/peers/open_clip && pwd)/bench.py
+JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+[ -f "$JE" ] && export LD_PRELOAD=$JE MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true
+out=$(mktemp)
+for r in $(seq "$ROUNDS"); do
+  for prec in fp32 bf16; do
+    amp=""; [ "$prec" = bf16 ] && amp="--amp-bf16"
+    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model tiny-clip --batch "$BATCH" $amp | grep RESULT)" | tee -a "$out"
+    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec | grep RESULT)" | tee -a "$out"
+    echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec | grep RESULT)" | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, statistics, sys
+rows = {}
+for line in open(sys.argv[1]):
+    who, prec, _, js = line.split(" ", 3)
+    r = json.loads(js)
+    rows.setdefault((who, prec), []).append((r["samples_per_s"], r.get("peak_rss_MB", r.get("peak_mem_MB"))))
+print("\n| trainer | precision | samples/s (median) | runs | peak RSS MB (median) |\n|---|---|---|---|---|")
+for (who, prec), v in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    print(f"| {who} | {prec} | {statistics.median(x for x, _ in v):.1f} | {', '.join(f'{x:.1f}' for x, _ in v)} | {statistics.median(m for _, m in v):.0f} |")
+PY

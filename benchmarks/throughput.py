@@ -1,0 +1,115 @@
+"""Training throughput of a recipe on a model preset: samples/s, peak memory, and model FLOPs utilisation.
+
+One step = forward, the recipe's losses, backward, AdamW step, on a fixed random batch (no data loading),
+as ../shared/peers/open_clip/bench.py does for open_clip, so the two can be run A/B on the same shapes.
+MFU = (FLOPs of one step, counted by torch.utils.flop_counter) / step time / the machine's matmul peak,
+measured here with a large matmul in the training dtype (not a datasheet number).
+
+  python benchmarks/throughput.py --preset tiny-clip --batch 64 --precision bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vlpt import config
+from vlpt.models.model import ImageTextModel
+from vlpt.objectives import OBJECTIVES
+from vlpt.train.loop import autocast_dtype
+from vlpt.train.optim import build_optimizer
+from vlpt.train.pretrainer import Pretrainer
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
+    """Best observed FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="clip")
+    p.add_argument("--preset", default="tiny-clip")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=49408, help="vocabulary size (open_clip's is 49,408)")
+    p.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16", "auto"])
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    cfg = config.resolve(args.recipe, [f"model={args.preset}", "train.steps=1", f"train.precision={args.precision}"])
+    model = ImageTextModel(cfg.model, args.vocab, eot_id=2)
+    model.set_grad_checkpointing(args.grad_ckpt)
+    module = Pretrainer(model, {n: OBJECTIVES[n](o.options) for n, o in cfg.objectives.items()},
+                        {n: o.weight for n, o in cfg.objectives.items()}).to(device)
+    optimizer = build_optimizer(module, cfg.train)
+    run = torch.compile(module) if args.compile else module
+    amp = autocast_dtype(args.precision, device)
+
+    s = cfg.model.vision.image_size
+    L = cfg.model.text.context_length
+    text = torch.randint(5, args.vocab, (args.batch, L), device=device)
+    text[:, torch.randint(4, L, (1,)).item()] = 2
+    batch = {"image": torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device), "text": text}
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, _ = run(batch)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = float(step())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    med = statistics.median(times)
+    peak = matmul_peak(amp or torch.float32, device)
+    mem_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    res = {
+        "recipe": args.recipe, "preset": args.preset, "batch": args.batch, "precision": args.precision,
+        "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "params_M": round(sum(q.numel() for q in module.parameters()) / 1e6, 3),
+        "median_step_s": round(med, 4), "samples_per_s": round(args.batch / med, 1),
+        "peak_mem_MB": round(mem_mb, 1), "step_GFLOP": round(flops / 1e9, 2),
+        "matmul_peak_GFLOPs": round(peak / 1e9, 1), "mfu_pct": round(100 * flops / med / peak, 1),
+        "final_loss": round(loss, 4),
+    }
+    print("RESULT " + json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
