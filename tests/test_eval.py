@@ -1,16 +1,14 @@
 """Evaluation protocols: recall@K, zero-shot classification, linear probe, and the suite runner."""
 from __future__ import annotations
 
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vlpt.data.dataset import ImageTextSet, to_uint8
+from vlpt.data import sources
+from vlpt.data.dataset import ImageTextSet
 from vlpt.eval import retrieval as retrieval_mod
 from vlpt.eval import tasks
 from vlpt.eval.probes import linear_probe
@@ -231,7 +229,7 @@ def colour_set(name, labels, jitter, seed) -> ImageTextSet:
 
 @pytest.fixture
 def fake_sources(monkeypatch):
-    """open_source over tiny colour sets (the real decode_all when vlpt.data.sources exists)."""
+    """open_source over tiny colour sets (decoded by the real decode_all)."""
     sets = {
         "toy:cls": colour_set("toy-cls", [0, 1, 2, 3, 4, 5, 2], 20, 0),
         "toy:one_per_class": colour_set("toy-ret", [0, 1, 2, 3, 4, 5], 0, 1),
@@ -244,17 +242,7 @@ def fake_sources(monkeypatch):
         calls.append(spec)
         return sets[spec]
 
-    def decode_all(ds, size, max_bad_fraction=0.0, progress=False):
-        return torch.stack([to_uint8(ds.load(r), size) for r in ds.images]), ds, []
-
-    try:
-        import vlpt.data.sources as real
-
-        monkeypatch.setattr(real, "open_source", open_source)
-    except ImportError:
-        fake = types.ModuleType("vlpt.data.sources")
-        fake.open_source, fake.decode_all = open_source, decode_all
-        monkeypatch.setitem(sys.modules, "vlpt.data.sources", fake)
+    monkeypatch.setattr(sources, "open_source", open_source)
     tasks.clear_cache()
     yield calls
     tasks.clear_cache()

@@ -68,3 +68,12 @@ def test_help_of_every_command_shows_examples():
     for cmd in (["train"], ["eval"], ["data", "pack"]):
         out = subprocess.run([sys.executable, "-m", "vlpt", *cmd, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "example" in out.stdout, cmd
+
+
+def test_siglip_recipe_learns(tmp_path):
+    cfg = config.resolve("siglip", MICRO + ["train.steps=30"])
+    loop.train(cfg, tmp_path, progress=False)
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["kind"] == "train"]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    assert rows[-1]["sigmoid/bias"] != -10.0  # the bias is learned

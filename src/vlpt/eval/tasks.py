@@ -12,11 +12,11 @@ DATASPEC is anything `vlpt.data.sources.open_source` understands. Metrics come b
 from __future__ import annotations
 
 import difflib
-import importlib
 from typing import Protocol, Sequence
 
 import torch
 
+from vlpt.data import sources
 from vlpt.data.dataset import ImageTextSet
 from vlpt.eval import encode_batched
 from vlpt.eval.probes import linear_probe
@@ -50,7 +50,6 @@ def load_decoded(spec: str, size: int, progress: bool = True) -> tuple[torch.Ten
     """(uint8 images [N,3,size,size], the set restricted to the images that decoded), cached."""
     key = (spec, int(size))
     if key not in _DECODED:
-        sources = importlib.import_module("vlpt.data.sources")
         images, good, _bad = sources.decode_all(sources.open_source(spec), int(size), progress=progress)
         _DECODED[key] = (images, good)
     return _DECODED[key]
