@@ -67,3 +67,15 @@ def test_perfect_alignment_gives_low_clip_loss():
 def test_unknown_objective_option_names_nearest():
     with pytest.raises(ConfigError, match="local_loss"):
         OBJECTIVES["contrastive"]({"local_los": True})
+
+
+def test_losses_are_computed_in_fp32_under_autocast():
+    img, txt = _embeds(b=16, d=32, seed=2)
+    for name in ("contrastive", "sigmoid"):
+        obj = OBJECTIVES[name]()
+        ref, _ = obj({"image_embed": img, "text_embed": txt}, {})
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low, _ = obj({"image_embed": img.bfloat16(), "text_embed": txt.bfloat16()}, {})
+        assert low.dtype == torch.float32
+        # only the bf16 rounding of the inputs remains (a bf16 matmul would be off by far more)
+        assert low.item() == pytest.approx(ref.item(), rel=2e-3)

@@ -11,6 +11,11 @@ import torch
 from torch import nn
 
 
+def fp32(like: torch.Tensor):
+    """Autocast off: similarity logits and their softmax/sigmoid need fp32 even in a bf16/fp16 run."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.objectives.base import Objective
+from vlpt.objectives.base import Objective, fp32
 from vlpt.train.distributed import all_gather_with_grad, rank
 
 
@@ -37,7 +37,10 @@ class Contrastive(Objective):
         return self.log_scale.clamp(max=math.log(self.opts.max_scale)).exp()
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        img, txt = outputs["image_embed"].float(), outputs["text_embed"].float()
+        with fp32(outputs["image_embed"]):
+            return self._loss(outputs["image_embed"].float(), outputs["text_embed"].float())
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
         scale = self.scale()
         if self.opts.local_loss:

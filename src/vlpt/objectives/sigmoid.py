@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlpt.objectives.base import Objective
+from vlpt.objectives.base import Objective, fp32
 from vlpt.train.distributed import all_gather_with_grad, rank
 
 
@@ -32,7 +32,10 @@ class Sigmoid(Objective):
         self.bias = nn.Parameter(torch.tensor(self.opts.init_bias))
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        img, txt = outputs["image_embed"].float(), outputs["text_embed"].float()
+        with fp32(outputs["image_embed"]):
+            return self._loss(outputs["image_embed"].float(), outputs["text_embed"].float())
+
+    def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         b = img.shape[0]
         chunks = all_gather_with_grad(txt).split(b)
         scale = self.log_scale.exp()

@@ -248,8 +248,8 @@ def evaluate(cfg: Config, module: Pretrainer, tokenizer: TextTokenizer, device, 
     from vlpt.inference import Encoder
 
     results = {}
-    if distributed.is_main():
-        tasks = resolve_tasks(cfg.eval.tasks, cfg.data.source)
+    tasks = resolve_tasks(cfg.eval.tasks, cfg.data.source)
+    if distributed.is_main() and tasks:
         results = run_suite(tasks, Encoder(module.model, tokenizer, device), templates=cfg.eval.templates, progress=progress)
         log.write(step, "eval", results)
     distributed.barrier()
