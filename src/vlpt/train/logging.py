@@ -35,10 +35,3 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
-
-def read(run_dir: Path, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if kind is None or r["kind"] == kind]
