@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlpt import config
+from vlpt import config, inference
 from vlpt.cli import main as cli_main
 from vlpt.train import checkpoint, loop
 
@@ -60,6 +60,9 @@ def test_cli_train_eval_json_and_config_errors(tmp_path, capsys):
     out = capsys.readouterr().out
     metrics = json.loads(out)  # exactly one JSON object on stdout
     assert set(metrics) == {"zeroshot:scenes:colour/top1", "zeroshot:scenes:colour/top5"}
+    encoder = inference.load(run)  # a run folder is a usable model
+    emb = encoder.encode_texts(["a red circle", "a blue square"])
+    assert emb.shape == (2, 64) and torch.allclose(emb.norm(dim=-1), torch.ones(2))
     assert cli_main(["train", "clip", "train.stpes=3", "--out", str(tmp_path / "x")]) == 2
     assert "did you mean 'train.steps'" in capsys.readouterr().err
 

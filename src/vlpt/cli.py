@@ -37,12 +37,14 @@ DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
 
 
 def _train(args) -> int:
+    import yaml
+
     from vlpt import config as config_lib
     from vlpt.train import loop
 
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     if args.resume and (out / "config.yaml").exists():
-        saved = __import__("yaml").safe_load((out / "config.yaml").read_text())
+        saved = yaml.safe_load((out / "config.yaml").read_text())
         cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
