@@ -182,19 +182,21 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         if seen and bad_seen / seen > cfg.data.max_bad_fraction and bad_seen > 1:
             raise RuntimeError(f"{bad_seen} of {seen} images seen so far were unreadable (over data.max_bad_fraction="
                                f"{cfg.data.max_bad_fraction}); check the data or raise the threshold")
-        image = random_resized_crop(batch["image"], tuple(cfg.data.crop_scale), aug).to(device, non_blocking=True)
+        # crop on the device the batch trains on; only the crop parameters come from the CPU generator
+        image = random_resized_crop(batch["image"].to(device, non_blocking=True), tuple(cfg.data.crop_scale), aug)
         text = batch["text"].to(device, non_blocking=True)
-        total_loss, metrics = 0.0, {}
+        total_loss, metrics = torch.zeros((), device=device), {}
         for k, (im, tx) in enumerate(zip(image.chunk(micro), text.chunk(micro))):
             sync = nullcontext() if k == micro - 1 or ddp is module else ddp.no_sync()
             with sync, torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, metrics = step_module({"image": im, "text": tx})
                 scaled = loss / micro
             (scaler.scale(scaled) if scaler else scaled).backward()
-            total_loss += float(loss.detach()) / micro
+            total_loss += loss.detach().float() / micro
         if scaler:
             scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        total_loss = float(total_loss)  # the step's one host sync
         if not (math.isfinite(total_loss) and torch.isfinite(grad_norm)):
             nonfinite += 1
             optimizer.zero_grad(set_to_none=True)
