@@ -1,4 +1,10 @@
-"""ImageTextModel: the towers a recipe asks for, computed once per batch into a dict of outputs."""
+"""ImageTextModel: the towers a recipe asks for, computed once per batch into a dict of outputs.
+
+Which towers exist follows from what the recipe's objectives read (`needs`):
+  image_embed  ViT (+ CoCa's contrastive pooler) -> image_proj
+  text_embed   the CLIP text tower -> text_proj; or, with unimodal decoder layers (CoCa), the decoder's [CLS]
+  caption_logits  the caption decoder, cross-attending to the ViT tokens (or the generative pooler's)
+"""
 from __future__ import annotations
 
 import torch
@@ -6,45 +12,100 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import ModelConfig
+from vlpt.models.decoder import CaptionDecoder
+from vlpt.models.layers import AttentionPool
 from vlpt.models.text import TextTransformer
 from vlpt.models.vision import VisionTransformer
 
+CONTRASTIVE = frozenset({"image_embed", "text_embed"})
+
 
 class ImageTextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, eot_id: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, eot_id: int, needs: frozenset[str] = CONTRASTIVE,
+                 pad_id: int = 0, mask_id: int = 3, sot_id: int = 1):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision)
-        self.text = TextTransformer(cfg.text, vocab_size, eot_id)
-        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text.width**-0.5)
+        v, t, d, p = cfg.vision, cfg.text, cfg.decoder, cfg.poolers
+        has_decoder = "caption_logits" in needs
+        self.text_from_decoder = has_decoder and d.unimodal_depth > 0
+        sees_image = "image_embed" in needs or (has_decoder and not d.blind)
+        self.visual = VisionTransformer(v) if sees_image else None
+        self.decoder = self.text = self.gen_pool = self.con_pool = None
+        if has_decoder:
+            self.decoder = CaptionDecoder(d, t, vocab_size, v.width,
+                                          {"pad": pad_id, "sot": sot_id, "eot": eot_id, "mask": mask_id})
+            if p.generative_queries and not d.blind:
+                self.gen_pool = AttentionPool(v.width, v.heads, p.generative_queries)
+        if "text_embed" in needs and not self.text_from_decoder:
+            self.text = TextTransformer(t, vocab_size, eot_id)
+        if "image_embed" in needs and p.contrastive != "none":
+            self.con_pool = AttentionPool(v.width, v.heads, 1)
+        self.image_proj = nn.Linear(v.width, cfg.embed_dim, bias=False) if "image_embed" in needs else None
+        self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False) if "text_embed" in needs else None
+        if self.image_proj is not None:
+            nn.init.normal_(self.image_proj.weight, std=v.width**-0.5)
+        if self.text_proj is not None:
+            nn.init.normal_(self.text_proj.weight, std=t.width**-0.5)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
-    def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        self.visual.transformer.grad_checkpointing = enabled
-        self.text.transformer.grad_checkpointing = enabled
+    @property
+    def has_text_embed(self) -> bool:
+        return self.text_proj is not None
 
+    @property
+    def has_decoder(self) -> bool:
+        return self.decoder is not None
+
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        for tower in (self.visual and self.visual.transformer, self.text and self.text.transformer, self.decoder):
+            if tower is not None:
+                tower.grad_checkpointing = enabled
+
+    # ------------------------------------------------------------------------------------ pieces
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, unprojected image features (what probes read)."""
         return self.visual(images)[0]
 
+    def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the decoder cross-attends to: the generative pooler's outputs, or every encoder token."""
+        return self.gen_pool(tokens) if self.gen_pool is not None else tokens
+
+    def _image_embed(self, pooled, tokens, memory) -> torch.Tensor:
+        mode = self.cfg.poolers.contrastive
+        if mode != "none":  # cascade reads the generative pooler's outputs, parallel the encoder tokens
+            pooled = self.con_pool(memory if mode == "cascade" and self.gen_pool is not None else tokens)[:, 0]
+        return F.normalize(self.image_proj(pooled), dim=-1)
+
+    def _text_embed(self, text: torch.Tensor) -> torch.Tensor:
+        feats = self.decoder.text_features(text) if self.text_from_decoder else self.text(text)[0]
+        return F.normalize(self.text_proj(feats), dim=-1)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.visual(images)[0]), dim=-1)
+        pooled, tokens = self.visual(images)
+        memory = self.image_memory(tokens) if self.cfg.poolers.contrastive == "cascade" else tokens
+        return self._image_embed(pooled, tokens, memory)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text_proj(self.text(text)[0]), dim=-1)
+        return self._text_embed(text)
 
+    # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, needs: set[str]) -> dict:
-        """Computes only the outputs in `needs` (e.g. {"image_embed", "text_embed"})."""
+        """Computes only the outputs in `needs`, each once (CoCa: one pass gives embeddings and logits)."""
         out = {}
-        if needs & {"image_embed", "image_tokens"}:
+        memory = None
+        if self.visual is not None and needs & {"image_embed", "image_tokens", "caption_logits"}:
             pooled, tokens = self.visual(batch["image"])
             out["image_tokens"] = tokens
-            out["image_embed"] = F.normalize(self.image_proj(pooled), dim=-1)
-        if needs & {"text_embed", "text_tokens"}:
-            pooled, tokens = self.text(batch["text"])
-            out["text_tokens"] = tokens
-            out["text_embed"] = F.normalize(self.text_proj(pooled), dim=-1)
+            if self.decoder is not None or self.cfg.poolers.contrastive == "cascade":
+                memory = self.image_memory(tokens)
+            if "image_embed" in needs:
+                out["image_embed"] = self._image_embed(pooled, tokens, memory)
+        if "caption_logits" in needs:
+            logits, cls = self.decoder(batch["text"], None if self.decoder.blind else memory, batch.get("parallel"))
+            out["caption_logits"] = logits
+            out["caption_mask"] = batch["text"][:, 1:] != self.decoder.pad_id
+            if cls is not None and "text_embed" in needs:
+                out["text_embed"] = F.normalize(self.text_proj(cls), dim=-1)
+        if "text_embed" in needs and "text_embed" not in out:
+            out["text_embed"] = self._text_embed(batch["text"])
         return out

@@ -43,5 +43,8 @@ class Objective(nn.Module):
     def check_options(cls, options: dict, prefix: str) -> None:
         cls.parse_options(options, prefix)
 
+    def prepare(self, batch: dict) -> None:
+        """Add per-batch inputs the model must see (e.g. CapPa's parallel switch) before the forward pass."""
+
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

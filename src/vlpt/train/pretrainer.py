@@ -19,6 +19,9 @@ class Pretrainer(nn.Module):
         self.needs = frozenset().union(*(o.needs for o in objectives.values()))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        batch = dict(batch)
+        for objective in self.objectives.values():
+            objective.prepare(batch)
         outputs = self.model(batch, self.needs)
         total, metrics = 0.0, {}
         for name, objective in self.objectives.items():
@@ -30,6 +33,8 @@ class Pretrainer(nn.Module):
 
 
 def build(cfg: Config, tokenizer: TextTokenizer) -> Pretrainer:
-    model = ImageTextModel(cfg.model, tokenizer.vocab_size, tokenizer.eot_id)
     objectives = {name: OBJECTIVES[name](o.options) for name, o in cfg.objectives.items()}
+    needs = frozenset().union(*(o.needs for o in objectives.values()))
+    model = ImageTextModel(cfg.model, tokenizer.vocab_size, tokenizer.eot_id, needs,
+                           tokenizer.pad_id, tokenizer.mask_id, tokenizer.sot_id)
     return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()})
