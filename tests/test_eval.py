@@ -1,6 +1,8 @@
 """Evaluation protocols: recall@K, zero-shot classification, linear probe, and the suite runner."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +278,110 @@ def test_unknown_task_kind(fake_sources):
         tasks.run_task("linear_probe:toy:cls", FakeModel())
     with pytest.raises(ValueError, match="names no data set"):
         tasks.run_task("retrieval", FakeModel())
+
+
+# --------------------------------------------------------------------------- captioner tasks
+
+
+def image_colour(images: torch.Tensor) -> list[str]:
+    return [NAMES[i] for i in fake_encode_images(images).argmax(1).tolist()]
+
+
+class FakeCaptioner:
+    """A captioner that sees the colour of a flat image (or, blind, sees nothing)."""
+
+    image_size = 8
+    has_text_embed = False
+    has_decoder = True
+
+    def __init__(self, blind: bool = False):
+        self.blind = blind
+        self.score_calls: list[tuple] = []
+
+    def caption(self, images):
+        return [f"a {c} square" for c in image_colour(images)]
+
+    def score_texts(self, images, texts, prompt="", normalize=False):
+        self.score_calls.append((len(images), list(texts), prompt, normalize))
+        colours = image_colour(images)
+        return torch.tensor([[0.0 if t == c else -1.0 - 0.1 * j for j, t in enumerate(texts)] for c in colours])
+
+    def caption_loss(self, images, texts):
+        # 1 nat per caption that names the image's colour, 3 otherwise; tokens = words + <eot>
+        colours = image_colour(images) if not self.blind else [None] * len(texts)
+        nll = sum(1.0 if c is not None and c in t.split() else 3.0 for c, t in zip(colours, texts))
+        return torch.tensor(nll), sum(len(t.split()) + 1 for t in texts)
+
+
+def test_captioning_task(fake_sources, tmp_path):
+    samples = {}
+    r = tasks.run_task("captioning:toy:cls", FakeCaptioner(), progress=False, batch_size=3, samples=samples)
+    assert set(r) == {f"captioning:toy:cls/{m}" for m in ("bleu1", "bleu2", "bleu3", "bleu4", "cider")}
+    # every caption is one of its image's references: 3-token hypotheses, an exact 3-token reference
+    for n in (1, 2, 3):
+        assert r[f"captioning:toy:cls/bleu{n}"] == pytest.approx(1.0)
+    labels = [0, 1, 2, 3, 4, 5, 2]  # the toy:cls set
+    records = samples["captioning:toy:cls"]
+    assert [x["caption"] for x in records] == [f"a {NAMES[y]} square" for y in labels]  # order kept across batches
+    assert [x["references"] for x in records] == [[f"a {NAMES[y]} square", f"something {NAMES[y]}"] for y in labels]
+    assert [x["image"] for x in records] == [str(i) for i in range(7)]
+    saved = json.loads(tasks.write_samples(samples, tmp_path / "captions.json").read_text())
+    assert saved == samples
+
+    class WrongColour(FakeCaptioner):
+        def caption(self, images):
+            return [f"a {NAMES[(NAMES.index(c) + 1) % 6]} square" for c in image_colour(images)]
+
+    worse = tasks.run_task("captioning:toy:cls", WrongColour(), progress=False)
+    assert worse["captioning:toy:cls/cider"] < r["captioning:toy:cls/cider"]
+    assert worse["captioning:toy:cls/bleu3"] < 1e-6
+
+
+def test_zeroshot_captioner_task(fake_sources):
+    model = FakeCaptioner()
+    r = tasks.run_task("zeroshot_captioner:toy:cls", model, progress=False, batch_size=4)
+    assert r == {"zeroshot_captioner:toy:cls/top1": 100.0, "zeroshot_captioner:toy:cls/top5": 100.0}
+    # class names are scored as they are (no prompt template), unnormalised, in image batches
+    assert model.score_calls == [(4, NAMES, "", False), (3, NAMES, "", False)]
+
+
+def test_caption_loss_task(fake_sources):
+    # toy:cls has 7 images x 2 captions ("a red square": 4 tokens, "something red": 3 tokens).
+    r = tasks.run_task("caption_loss:toy:cls", FakeCaptioner(), progress=False, batch_size=5)
+    assert r == {"caption_loss:toy:cls/loss": pytest.approx(14 * 1.0 / (7 * 4 + 7 * 3))}  # per token, not per caption
+    blind = tasks.run_task("caption_loss:toy:cls", FakeCaptioner(blind=True), progress=False, batch_size=5)
+    assert blind["caption_loss:toy:cls/loss"] == pytest.approx(14 * 3.0 / 49)
+
+
+def test_tasks_check_model_abilities(fake_sources):
+    with pytest.raises(ValueError, match="needs a text decoder"):
+        tasks.run_suite(["zeroshot:toy:cls", "captioning:toy:cls"], FakeModel(), progress=False)
+    with pytest.raises(ValueError, match="needs a text embedding"):
+        tasks.run_suite(["caption_loss:toy:cls", "retrieval:toy:cls"], FakeCaptioner(), progress=False)
+    assert fake_sources == []  # caught before any work
+    with pytest.raises(ValueError, match="Did you mean 'captioning'"):
+        tasks.run_task("captioninng:toy:cls", FakeCaptioner())
+
+
+def test_auto_suite_follows_model_abilities():
+    from vlpt.eval.defaults import SCENES_CAPTIONER_SUITE, SCENES_SUITE, resolve_tasks
+
+    # today's behaviour by default
+    assert resolve_tasks(["auto"], "scenes") == SCENES_SUITE
+    assert resolve_tasks(["auto", "zeroshot:x"], "flickr8k:train") == ["retrieval:flickr8k:test", "zeroshot:x"]
+    assert resolve_tasks(["auto"], "flickr8k:/data/f8k:train") == ["retrieval:flickr8k:/data/f8k:test"]
+    assert resolve_tasks(["auto"], "cifar10:train") == ["zeroshot:cifar10:test"]  # was cifar10:train (a bug)
+    assert resolve_tasks(["auto"], "folder:/d:train") == ["zeroshot:folder:/d:test"]
+    assert resolve_tasks(["auto"], "folder:/d:train", has_text_embed=False, has_decoder=True) == [
+        "zeroshot_captioner:folder:/d:test"]
+    assert resolve_tasks(["auto"], "csv:/x.csv") == []
+    # a captioner (no text embedding)
+    assert resolve_tasks(["auto"], "scenes", has_text_embed=False, has_decoder=True) == SCENES_CAPTIONER_SUITE
+    assert SCENES_CAPTIONER_SUITE[0] == "zeroshot_captioner:scenes:colour_shape"
+    assert resolve_tasks(["auto"], "flickr8k:train", has_text_embed=False, has_decoder=True) == [
+        "captioning:flickr8k:test", "caption_loss:flickr8k:test"]
+    # CoCa: both
+    assert resolve_tasks(["auto"], "flickr8k:/d:train", has_decoder=True) == [
+        "retrieval:flickr8k:/d:test", "captioning:flickr8k:/d:test", "caption_loss:flickr8k:/d:test"]
+    assert resolve_tasks(["auto"], "scenes", has_decoder=True) == SCENES_SUITE + SCENES_CAPTIONER_SUITE
+    assert all(t.partition(":")[0] in tasks.KINDS for t in SCENES_SUITE + SCENES_CAPTIONER_SUITE)

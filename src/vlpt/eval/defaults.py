@@ -1,4 +1,8 @@
-"""`eval.tasks: [auto]` -> the evaluation suite that fits the training data."""
+"""`eval.tasks: [auto]` -> the evaluation suite that fits the training data and what the model can do.
+
+A model with a text embedding (CLIP-like, CoCa) gets the contrastive tasks; a model with a text decoder
+(Cap, CapPa, CoCa) gets the captioner tasks: likelihood zero-shot, captioning and caption loss.
+"""
 from __future__ import annotations
 
 SCENES_SUITE = [
@@ -7,22 +11,41 @@ SCENES_SUITE = [
     "zeroshot:scenes:shape",
     "retrieval:scenes:test",
 ]
+SCENES_CAPTIONER_SUITE = [
+    "zeroshot_captioner:scenes:colour_shape",
+    "zeroshot_captioner:scenes:colour",
+    "zeroshot_captioner:scenes:shape",
+]
 
 
-def auto_tasks(source: str) -> list[str]:
+def _flickr8k_test(source: str) -> str:
+    """The Flickr8k test split of the folder a `flickr8k[:PATH][:SPLIT]` source uses."""
+    rest = source.partition(":")[2]
+    path = rest.split(":")[0] if rest and rest.split(":")[0] not in ("train", "dev", "test", "all") else ""
+    return f"flickr8k:{path}:test" if path else "flickr8k:test"
+
+
+def auto_tasks(source: str, has_text_embed: bool = True, has_decoder: bool = False) -> list[str]:
     kind, _, rest = source.partition(":")
+    contrastive: list[str] = []
+    captioner: list[str] = []
     if kind == "scenes":
-        return SCENES_SUITE
-    if kind == "flickr8k":
-        path = rest.split(":")[0] if rest and rest.split(":")[0] not in ("train", "dev", "test", "all") else ""
-        return [f"retrieval:flickr8k:{path}:test" if path else "retrieval:flickr8k:test"]
-    if kind in ("folder", "cifar10"):
-        return [f"zeroshot:{kind}:{rest.rsplit(':', 1)[0]}:test" if ":" in rest else f"zeroshot:{source}"]
-    return []  # captions tables and shards: no held-out split is implied; name tasks explicitly
+        contrastive, captioner = SCENES_SUITE, SCENES_CAPTIONER_SUITE
+    elif kind == "flickr8k":
+        test = _flickr8k_test(source)
+        contrastive, captioner = [f"retrieval:{test}"], [f"captioning:{test}", f"caption_loss:{test}"]
+    elif kind == "cifar10":
+        contrastive, captioner = ["zeroshot:cifar10:test"], ["zeroshot_captioner:cifar10:test"]
+    elif kind == "folder":
+        test = f"folder:{rest.rsplit(':', 1)[0]}:test" if ":" in rest else source
+        contrastive, captioner = [f"zeroshot:{test}"], [f"zeroshot_captioner:{test}"]
+    # captions tables and shards: no held-out split is implied; name tasks explicitly
+    return (list(contrastive) if has_text_embed else []) + (list(captioner) if has_decoder else [])
 
 
-def resolve_tasks(tasks: list[str], source: str) -> list[str]:
+def resolve_tasks(tasks: list[str], source: str, has_text_embed: bool = True, has_decoder: bool = False) -> list[str]:
+    """`tasks` with every "auto" replaced by the suite for `source` and a model with these abilities."""
     out = []
     for t in tasks:
-        out += auto_tasks(source) if t == "auto" else [t]
+        out += auto_tasks(source, has_text_embed, has_decoder) if t == "auto" else [t]
     return out
