@@ -1,12 +1,30 @@
 """The one in-memory data set shape every source produces, and the image preprocessing to model input."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+@dataclass
+class Issue:
+    """Input items of one kind that a loader skipped or repaired: their names, out of `total` looked at."""
+
+    total: int
+    names: list[str] = field(default_factory=list)
+
+
+def merge_issues(sets: Sequence["ImageTextSet"]) -> dict[str, Issue]:
+    out: dict[str, Issue] = {}
+    for s in sets:
+        for kind, issue in s.issues.items():
+            o = out.setdefault(kind, Issue(0))
+            o.total += issue.total
+            o.names += issue.names
+    return out
 
 
 @dataclass
@@ -24,6 +42,7 @@ class ImageTextSet:
     caption_image: list[int]
     labels: list[int] | None = None
     classnames: list[str] | None = None
+    issues: dict[str, Issue] = field(default_factory=dict)  # kind -> items skipped/repaired while loading
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -44,17 +63,41 @@ class ImageTextSet:
             caption_image=[i for _, i in pairs],
             labels=None if self.labels is None else [self.labels[i] for i in keep],
             classnames=self.classnames,
+            issues=self.issues,
         )
+
+
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+MAX_UPSCALED_SIDE = 4  # x size: beyond it, resize only the crop (a 1x5000 strip must not become 224x1.1M)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode as 8-bit RGB: 16-bit samples scaled (not clipped) to 8 bits, transparency composited
+    on white (as a web page shows it), everything else by PIL's conversion (CMYK, 1-bit, palette, grey)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in SIXTEEN_BIT or (img.mode == "I" and img.getextrema()[1] > 255):  # "I": 16-bit data in 32
+        a = np.asarray(img).astype(np.int64).clip(0, 65535)
+        img = Image.fromarray(((a + 128) // 257).astype(np.uint8))  # 65535 -> 255, rounded
+    if img.mode in ALPHA or (img.mode == "P" and "transparency" in img.info):
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
+    return img.convert("RGB")
 
 
 def to_uint8(img: Image.Image, size: int) -> torch.Tensor:
     """RGB, shorter side resized to `size` (bicubic), centre crop: uint8 [3, size, size]."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     w, h = img.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
         nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), Image.BICUBIC)
         left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
+        if max(nw, nh) > MAX_UPSCALED_SIDE * size:  # extreme aspect ratio: resample the kept window only
+            box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+            img = img.resize((size, size), Image.BICUBIC, box=box)
+        else:
+            img = img.resize((nw, nh), Image.BICUBIC)
+            img = img.crop((left, top, left + size, top + size))
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()

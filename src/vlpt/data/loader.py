@@ -7,6 +7,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlpt.data.dataset import ImageTextSet, to_uint8
 
+MAX_REDRAWS = 10  # per slot; a batch this unlucky ends the run through data.max_bad_fraction anyway
+
 
 class StepBatches(Dataset):
     """Item k = this rank's share of global batch k.
@@ -14,8 +16,9 @@ class StepBatches(Dataset):
     Uniform sources: a fresh seeded permutation of the captions each epoch, cut into global batches
     (the last incomplete one dropped). Weighted mixtures: each global batch drawn with replacement by the
     weights, seeded by the step. With `images` (every image decoded once, uint8 [N,3,S,S]) a batch is an
-    index; without, images are decoded here (in DataLoader workers), and unreadable ones are dropped from
-    the batch and counted in `bad`.
+    index; without, images are decoded here (in DataLoader workers): an unreadable image is named in `bad`
+    and its slot redrawn (seeded by seed, step, rank), so batches keep their size, which the all-gathers
+    of contrastive losses and the micro-batch split need.
     """
 
     def __init__(
@@ -58,16 +61,27 @@ class StepBatches(Dataset):
         idx = self.global_indices(step)[self.rank * local : (self.rank + 1) * local]
         img_idx = self.caption_image[idx]
         if self.images is not None:
-            return {"image": self.images[img_idx], "text": self.tokens[idx], "bad": 0}
-        images, keep = [], []
-        for k, i in enumerate(img_idx.tolist()):
-            try:
-                images.append(to_uint8(self.data.load(self.data.images[i]), self.size))
-                keep.append(k)
-            except Exception:  # unreadable image: dropped from this batch and counted by the loop
-                continue
+            return {"image": self.images[img_idx], "text": self.tokens[idx], "bad": []}
+        images, keep, bad, redraw = [], [], [], None
+        for c in idx.tolist():
+            for _ in range(MAX_REDRAWS + 1):
+                i = int(self.caption_image[c])
+                try:
+                    images.append(to_uint8(self.data.load(self.data.images[i]), self.size))
+                    keep.append(c)
+                    break
+                except Exception as e:  # unreadable image: counted by the loop, slot redrawn
+                    bad.append(f"{self.data.images[i]} ({type(e).__name__}: {e})")
+                    if redraw is None:  # a stream of its own, apart from the batch order's
+                        redraw = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rank + 1)
+                    c = self._draw(redraw)
         image = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
-        return {"image": image, "text": self.tokens[idx[keep]], "bad": len(idx) - len(keep)}
+        return {"image": image, "text": self.tokens[keep], "bad": bad}
+
+    def _draw(self, g: torch.Generator) -> int:
+        if self.weights is not None:
+            return int(torch.multinomial(self.weights, 1, generator=g))
+        return int(torch.randint(len(self.data), (1,), generator=g))
 
 
 def batch_iterator(batches: StepBatches, start: int, stop: int, num_workers: int = 0):

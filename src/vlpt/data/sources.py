@@ -5,8 +5,10 @@ once, by `decode_all`, which also finds and skips bad images.
 """
 from __future__ import annotations
 
+import codecs
 import csv
 import difflib
+import io
 import json
 import os
 import random
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .dataset import ImageTextSet, to_uint8
+from .dataset import ImageTextSet, Issue, merge_issues, to_uint8
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "filename", "file_name", "image_file",
@@ -31,6 +33,8 @@ SPLIT_DIRS = ("train", "test", "val", "valid", "validation", "dev")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
                      "a close-up photo of a {}.", "{}")
 KINDS = ("scenes", "flickr8k", "csv", "tsv", "coco", "folder", "cifar10", "wds")
+# issues that drop input (checked against data.max_bad_fraction); the others repair it and are only counted
+DROPPING = ("empty_captions", "bad_rows", "bad_samples", "bad_shards")
 
 
 class BadDataError(RuntimeError):
@@ -70,8 +74,29 @@ def _grouped(name: str, pairs: list[tuple[str, str]], **kw) -> ImageTextSet:
 
 
 # ---------------------------------------------------------------------------------------------- tables
-def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    text = path.read_text(encoding="utf-8-sig")
+def _read_text(path: Path) -> tuple[str, list[int]]:
+    """The file as text and the numbers of its lines that were not UTF-8 (decoded with U+FFFD in place of
+    the bad bytes: one bad byte should not cost a whole caption, let alone the run)."""
+    raw = path.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # spreadsheet "Unicode text" exports
+        return raw.decode("utf-16"), []
+    try:
+        return raw.decode("utf-8-sig"), []
+    except UnicodeDecodeError:
+        pass
+    lines, bad = [], []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(line.decode("utf-8", errors="replace"))
+            bad.append(n)
+    return "\n".join(lines).removeprefix("\ufeff"), bad
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], Issue]:
+    """(header, (line number, row) pairs, the lines that were not UTF-8) of a CSV/TSV table."""
+    text, non_utf8 = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         delimiter = ","
@@ -82,10 +107,27 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
             delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
         except csv.Error:
             delimiter = "\t" if "\t" in text.partition("\n")[0] else ","
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delimiter) if any(c.strip() for c in r)]
+    csv.field_size_limit(2**31 - 1)  # an over-long caption is cut by the tokenizer, not fatal here
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     if not rows:
         raise ValueError(f"{path}: empty table (a header row is required)")
-    return [c.strip() for c in rows[0]], rows[1:]
+    return [c.strip() for c in rows[0][1]], rows[1:], Issue(text.count("\n") + 1, [f"{path}:{n}" for n in non_utf8])
+
+
+def _pairs(path: Path, rows: list[tuple[int, list[str]]], ic: int, cc: int) -> tuple[list[tuple[str, str]], dict]:
+    """(image ref, caption) of each usable row; rows without an image or a caption are counted, not used."""
+    pairs, empty, broken = [], [], []
+    for n, r in rows:
+        ref = r[ic].strip() if len(r) > ic else ""
+        caption = r[cc].strip() if len(r) > cc else ""
+        if not ref:
+            broken.append(f"{path}:{n}")
+        elif not caption:
+            empty.append(f"{path}:{n}")
+        else:
+            pairs.append((ref, caption))
+    return pairs, {"empty_captions": Issue(len(rows) - len(broken), empty), "bad_rows": Issue(len(rows), broken)}
 
 
 def _find_column(header: list[str], candidates: tuple[str, ...], what: str, path: Path) -> int:
@@ -107,13 +149,13 @@ def _resolve(ref: str, root: Path) -> str:
 def load_captions_table(path: str | Path, image_root: str | Path | None = None) -> ImageTextSet:
     """A CSV/TSV with a header naming an image column and a caption column; captions grouped per image."""
     path = _need(path, "caption table")
-    header, rows = _read_rows(path)
+    header, rows, non_utf8 = _read_rows(path)
     ic = _find_column(header, IMAGE_COLUMNS, "image", path)
     cc = _find_column(header, CAPTION_COLUMNS, "caption", path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    pairs = [(_resolve(r[ic].strip(), root), r[cc].strip())
-             for r in rows if len(r) > max(ic, cc) and r[ic].strip() and r[cc].strip()]
-    return _grouped(path.stem, pairs)
+    pairs, issues = _pairs(path, rows, ic, cc)
+    return _grouped(path.stem, [(_resolve(ref, root), c) for ref, c in pairs],
+                    issues={**issues, "non_utf8_rows": non_utf8})
 
 
 # --------------------------------------------------------------------------------------------- flickr8k
@@ -123,13 +165,13 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
     if split not in FLICKR_SPLITS:
         raise ValueError(f"unknown Flickr8k split {split!r}; choose one of {sorted(FLICKR_SPLITS)}")
     table = _need(root / "captions.txt", "Flickr8k captions file")
-    header, rows = _read_rows(table)
+    header, rows, non_utf8 = _read_rows(table)
     ic = _find_column(header, IMAGE_COLUMNS, "image", table)
     cc = _find_column(header, CAPTION_COLUMNS, "caption", table)
+    pairs, issues = _pairs(table, rows, ic, cc)
     by_image: dict[str, list[str]] = defaultdict(list)
-    for r in rows:
-        if len(r) > max(ic, cc) and r[ic].strip():
-            by_image[r[ic].strip()].append(r[cc].strip())
+    for ref, caption in pairs:
+        by_image[ref].append(caption)
     if FLICKR_SPLITS[split] is None:
         names = list(by_image)
     else:
@@ -142,22 +184,30 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
             names = [n for n in names if n in by_image]
     images = root / "Images"
     pairs = [(str(images / n), c) for n in names for c in by_image[n]]
-    return _grouped(f"flickr8k-{split}", pairs)
+    return _grouped(f"flickr8k-{split}", pairs, issues={**issues, "non_utf8_rows": non_utf8})
 
 
 # ------------------------------------------------------------------------------------------------- coco
 def load_coco(json_path: str | Path, image_root: str | Path | None = None) -> ImageTextSet:
     """COCO captions JSON: images[{id, file_name}], annotations[{image_id, caption}]."""
     json_path = _need(json_path, "COCO captions file")
-    data = json.loads(json_path.read_text(encoding="utf-8"))
+    text, non_utf8 = _read_text(json_path)
+    data = json.loads(text)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise ValueError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations')")
     root = Path(image_root).expanduser() if image_root is not None else json_path.parent
     by_id: dict[Any, list[str]] = defaultdict(list)
-    for a in data["annotations"]:
-        by_id[a["image_id"]].append(str(a["caption"]).strip())
+    empty = []
+    for k, a in enumerate(data["annotations"]):
+        caption = a.get("caption")
+        if isinstance(caption, str) and caption.strip():
+            by_id[a["image_id"]].append(caption.strip())
+        else:
+            empty.append(f"{json_path} annotation #{k} (id {a.get('id')})")
     pairs = [(_resolve(im["file_name"], root), c) for im in data["images"] for c in by_id.get(im["id"], [])]
-    return _grouped(json_path.stem, pairs)
+    issues = {"empty_captions": Issue(len(data["annotations"]), empty),
+              "non_utf8_rows": Issue(text.count("\n") + 1, [f"{json_path}:{n}" for n in non_utf8])}
+    return _grouped(json_path.stem, pairs, issues=issues)
 
 
 # ---------------------------------------------------------------------------------------- image folders
@@ -295,7 +345,10 @@ def open_data(spec: str) -> tuple[ImageTextSet, torch.Tensor | None]:
     parts = parse_mixture(spec)
     if len(parts) == 1:
         return open_source(parts[0][0]), None
-    return mix([open_source(p) for p, _ in parts], [w for _, w in parts])
+    sets = [open_source(p) for p, _ in parts]
+    mixed, weights = mix(sets, [w for _, w in parts])
+    mixed.issues = merge_issues(sets)
+    return mixed, weights
 
 
 # ------------------------------------------------------------------------------------------ bad images
@@ -304,6 +357,28 @@ def _ref_name(s: ImageTextSet, i: int) -> str:
     if isinstance(ref, (bytes, bytearray, int)):
         return f"{s.name} image #{i}"
     return str(ref)
+
+
+def _too_many(what: str, names: list[str], total: int, name: str, limit: float) -> BadDataError:
+    shown = "\n  ".join(names[:10])
+    more = f"\n  ... and {len(names) - 10} more" if len(names) > 10 else ""
+    return BadDataError(
+        f"{len(names)} of {total} {what} ({len(names) / total:.1%}) in {name!r} are unusable, more than "
+        f"data.max_bad_fraction={limit}:\n  {shown}{more}\n"
+        f"Fix or remove them, or raise data.max_bad_fraction to skip them.")
+
+
+def check_issues(s: ImageTextSet, max_bad_fraction: float) -> None:
+    """Warn about input a loader skipped or repaired; raise BadDataError when too much was skipped."""
+    for kind, issue in s.issues.items():
+        if not issue.names:
+            continue
+        if kind in DROPPING and len(issue.names) / issue.total > max_bad_fraction:
+            raise _too_many(kind.replace("_", " ").replace("bad ", "unreadable "), issue.names, issue.total,
+                            s.name, max_bad_fraction)
+        verb = "skipped" if kind in DROPPING else "repaired"
+        print(f"warning: {verb} {len(issue.names)} of {issue.total} {kind} in {s.name!r} (first: {issue.names[0]})",
+              file=sys.stderr)
 
 
 def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
@@ -337,12 +412,7 @@ def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
                 out[len(good)] = img
                 good.append(i)
     if n and len(bad) / n > max_bad_fraction:
-        shown = "\n  ".join(f"{name} ({err})" for name, err in bad[:10])
-        more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-        raise BadDataError(
-            f"{len(bad)} of {n} images ({len(bad) / n:.1%}) in {s.name!r} could not be read, more than "
-            f"data.max_bad_fraction={max_bad_fraction}:\n  {shown}{more}\n"
-            f"Fix or remove these files, or raise data.max_bad_fraction to skip them.")
+        raise _too_many("images", [f"{name} ({err})" for name, err in bad], n, s.name, max_bad_fraction)
     if bad:
         print(f"warning: skipped {len(bad)} unreadable images of {s.name!r} (first: {bad[0][0]})",
               file=sys.stderr)

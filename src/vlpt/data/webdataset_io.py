@@ -17,7 +17,7 @@ import braceexpand
 import webdataset as wds
 from PIL import Image
 
-from .dataset import ImageTextSet
+from .dataset import ImageTextSet, Issue
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -126,46 +126,58 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
-def _sample_to_record(sample: dict) -> tuple[bytes, list[str], int | None, str | None] | None:
+def _sample_to_record(sample: dict) -> tuple[bytes, list[str], int | None, str | None, bool]:
+    """(image bytes, captions, label, class name, whether the text needed U+FFFD repairs)."""
     data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
     if data is None:
-        return None
+        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
     meta = json.loads(sample["json"]) if "json" in sample else {}
-    captions = [str(c) for c in meta.get("captions", [])]
+    captions = [str(c) for c in meta.get("captions", []) if c is not None]
+    repaired = False
     if not captions and "txt" in sample:
-        captions = [sample["txt"].decode("utf-8")]
+        try:
+            captions = [sample["txt"].decode("utf-8")]
+        except UnicodeDecodeError:
+            captions, repaired = [sample["txt"].decode("utf-8", errors="replace")], True
     Image.open(io.BytesIO(data))  # header check: raises on bytes that are no image
-    return data, captions, meta.get("label"), meta.get("classname")
+    return data, captions, meta.get("label"), meta.get("classname"), repaired
 
 
 def read_shards(urls: str | list[str]) -> tuple[ImageTextSet, int]:
-    """Read shards into memory. Returns (set, number of skipped samples and unreadable shards)."""
+    """Read shards into memory. Returns (set, number of skipped samples and unreadable shards); the set's
+    `issues` name them, and the empty captions and repaired texts."""
     paths = expand_urls(urls)
     images, captions, caption_image, labels, names = [], [], [], [], {}
-    skipped = 0
+    bad_samples, bad_shards, empty, non_utf8, n_samples, n_captions = [], [], [], [], 0, 0
     for path in paths:
         try:
             with open(path, "rb") as stream:
                 files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
                 for sample in wds.tariterators.group_by_keys(files):
+                    n_samples += 1
+                    origin = f"{path}#{sample.get('__key__')}"
                     try:
-                        record = _sample_to_record(sample)
-                    except Exception:
-                        record = None
-                    if record is None:
-                        skipped += 1
+                        data, caps, label, classname, repaired = _sample_to_record(sample)
+                    except Exception as e:
+                        bad_samples.append(f"{origin} ({type(e).__name__}: {e})")
                         continue
-                    data, caps, label, classname = record
+                    if repaired:
+                        non_utf8.append(origin)
+                    n_captions += len(caps)
                     for c in caps:
+                        if not c.strip():
+                            empty.append(origin)
+                            continue
                         captions.append(c)
                         caption_image.append(len(images))
-                    images.append(EncodedImage(f"{path}#{sample['__key__']}", data))
+                    images.append(EncodedImage(origin, data))
                     labels.append(label)
                     if label is not None and classname is not None:
                         names[int(label)] = classname
         except Exception as e:  # missing, truncated or not a tar: count the shard and go on
-            skipped += 1
+            bad_shards.append(f"{path} ({type(e).__name__}: {e})")
             print(f"warning: unreadable shard {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr)
+    skipped = len(bad_samples) + len(bad_shards)
     if skipped:
         print(f"warning: {skipped} unreadable samples/shards skipped in {len(paths)} shards", file=sys.stderr)
     has_labels = bool(labels) and all(lb is not None for lb in labels)
@@ -175,7 +187,9 @@ def read_shards(urls: str | list[str]) -> tuple[ImageTextSet, int]:
     name = Path(paths[0]).parent.name or "shards"
     return ImageTextSet(name=name, images=images, load=load_encoded, captions=captions,
                         caption_image=caption_image, labels=[int(lb) for lb in labels] if has_labels else None,
-                        classnames=classnames), skipped
+                        classnames=classnames,
+                        issues={"bad_shards": Issue(len(paths), bad_shards), "bad_samples": Issue(n_samples, bad_samples),
+                                "empty_captions": Issue(n_captions, empty), "non_utf8_rows": Issue(n_samples, non_utf8)}), skipped
 
 
 def pack(spec: str, out_pattern: str, maxcount: int = 1000, size: int | None = None) -> list[str]:

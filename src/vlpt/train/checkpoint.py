@@ -1,21 +1,34 @@
 """Run-folder checkpoints: `checkpoints/step-NNNNNNNN/` with model.safetensors (weights, plus the resolved
-config and tokenizer as metadata, so one file is a usable model) and state.pt (optimizer, schedule, RNG,
-step). Written to a temporary folder, fsynced, then renamed: a checkpoint is whole or absent."""
+config and tokenizer as metadata, so one file is a usable model), state.pt (optimizer, schedule, scaler,
+RNG streams, counters, step) and manifest.json (size and sha256 of each file).
+
+A checkpoint is written to a temporary folder, fsynced (files, manifest last, folder), then renamed: it is
+whole or absent. A file damaged later (a full disk, a bad copy, a killed rsync) no longer matches its
+manifest; `latest` then warns and falls back to the previous checkpoint.
+"""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 PREFIX = "step-"
+TMP_PREFIX = ".tmp-"
+MANIFEST = "manifest.json"
 
 
-def _fsync_dir(path: Path) -> None:
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint whose files do not match its manifest."""
+
+
+def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -23,27 +36,53 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def save(ckpt_dir: Path, step: int, weights: dict, metadata: dict, state: dict, keep: int) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f".tmp-{PREFIX}{step:08d}"
+    tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # safetensors refuses shared storage; contiguous copies of plain tensors are what we want anyway
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     torch.save(state, tmp / "state.pt")
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():
+    files = {}
+    for f in sorted(tmp.iterdir()):
+        _fsync(f)
+        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+    (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
+    _fsync(tmp / MANIFEST)
+    _fsync(tmp)
+    if final.exists():  # only a damaged or re-done step is ever written twice
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(ckpt_dir)
+    _fsync(ckpt_dir)
     for old in all_checkpoints(ckpt_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def tidy(ckpt_dir: Path, resume_from: Path | None) -> None:
+    """Before a run (re)starts: remove the temporary folders of saves a crash interrupted, and set aside the
+    checkpoints newer than the one it resumes from (damaged ones `latest` skipped) as `damaged-step-N`:
+    kept for inspection, out of the way of `latest` and of pruning."""
+    if not ckpt_dir.is_dir():
+        return
+    for p in ckpt_dir.glob(f"{TMP_PREFIX}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for ckpt in all_checkpoints(ckpt_dir):
+        if resume_from is None or ckpt.name > resume_from.name:
+            aside = ckpt.with_name(f"damaged-{ckpt.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(ckpt, aside)
 
 
 def all_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -52,21 +91,55 @@ def all_checkpoints(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
 
 
-def latest(ckpt_dir: Path) -> Path | None:
-    found = all_checkpoints(ckpt_dir)
-    return found[-1] if found else None
+def problem(ckpt: Path, files: tuple[str, ...] | None = None) -> str | None:
+    """Why `ckpt` cannot be used (a missing, short or changed file), or None when it is whole.
+
+    `files` limits the check to those files (inference needs only the weights). Checkpoints written before
+    manifests existed are taken as they are.
+    """
+    manifest = ckpt / MANIFEST
+    if not manifest.exists():
+        return None if (ckpt / "model.safetensors").is_file() else "no model.safetensors"
+    try:
+        listed = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"unreadable {MANIFEST} ({type(e).__name__}: {e})"
+    for name in files or listed:
+        f, want = ckpt / name, listed.get(name)
+        if want is None:
+            return f"{name} is not in {MANIFEST}"
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, {want['bytes']} were written"
+        if sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256 checksum"
+    return None
+
+
+def latest(ckpt_dir: Path, files: tuple[str, ...] | None = None) -> Path | None:
+    """The newest whole checkpoint; damaged newer ones are skipped with a warning naming them."""
+    for ckpt in reversed(all_checkpoints(ckpt_dir)):
+        why = problem(ckpt, files)
+        if why is None:
+            return ckpt
+        print(f"warning: checkpoint {ckpt} is damaged ({why}); using the one before it", file=sys.stderr)
+    return None
 
 
 def find(path: str | Path) -> Path:
-    """A run folder, a checkpoint folder or a model.safetensors file -> the checkpoint folder."""
+    """A run folder, a checkpoint folder or a model.safetensors file -> the checkpoint folder (weights verified)."""
     path = Path(path)
     if path.is_file() and path.name == "model.safetensors":
-        return path.parent
+        path = path.parent
     if (path / "model.safetensors").is_file():
+        why = problem(path, ("model.safetensors",))
+        if why:
+            raise CorruptCheckpointError(f"checkpoint {path} is damaged ({why}); use an earlier checkpoint of the run")
         return path
-    ck = latest(path / "checkpoints")
+    ck = latest(path / "checkpoints", ("model.safetensors",))
     if ck is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (expected {path}/checkpoints/{PREFIX}*/model.safetensors)")
+        raise FileNotFoundError(f"no usable checkpoint in {path} (expected {path}/checkpoints/{PREFIX}*/model.safetensors)")
     return ck
 
 
