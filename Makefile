@@ -13,6 +13,8 @@ $(VENV)/.installed: pyproject.toml
 	# torch first: keep one that is already there, else the pinned local CPU build; never an unpinned torch
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[test]"
+	@command -v java >/dev/null 2>&1 || echo "note: java not found; caption metrics (BLEU/CIDEr) will use a" \
+		"pure-Python PTB tokenizer and may differ slightly from pycocoevalcap's. Install Java 8+ for exact scores."
 	touch $@
 
 setup: $(VENV)/.installed

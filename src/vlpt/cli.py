@@ -1,4 +1,4 @@
-"""`vlpt train|eval|demo|data|recipes`: the command line."""
+"""`vlpt train|eval|caption|demo|data|export|import-weights|recipes`: the command line."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,10 @@ EVAL_EXAMPLES = """examples:
 
 tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA (DATA as in `vlpt data --help`)."""
 
+CAPTION_EXAMPLES = """examples:
+  vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, at most 30 tokens
+  vlpt caption runs/cap photo.jpg --method nucleus --top-p 0.9 --seed 1"""
+
 DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape
   flickr8k[:PATH][:SPLIT]   Flickr8k layout (captions.txt + split files); SPLIT: train, dev, test, all
@@ -36,20 +40,41 @@ DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   a bare path is recognised by its layout."""
 
 
+EXPORT_HELP = """examples:
+  vlpt export runs/clip hf/clip                            # transformers.CLIPModel.from_pretrained("hf/clip")
+
+Maps a ViT with stem=patch and pool=cls and the CLIP text tower; other models are refused with the reason."""
+
+IMPORT_HELP = """examples:
+  vlpt import-weights hf/clip runs/from-hf --from hf
+  vlpt import-weights ViT-B-32.safetensors runs/b32 --from open_clip --config ViT-B-32.json --tokenizer tokenizer.json
+  vlpt eval runs/b32 --task zeroshot:cifar10:test
+
+open_clip weights carry no tokenizer: give the tokenizer.json of their vocabulary."""
+
+
 def _train(args) -> int:
     import yaml
 
     from vlpt import config as config_lib
+    from vlpt.data.sources import BadDataError
     from vlpt.train import loop
 
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
-    if args.resume and (out / "config.yaml").exists():
+    resume = args.resume or loop.elastic_restart() > 0  # a torchrun restart continues the run it replaces
+    if resume and (out / "config.yaml").exists():
         saved = yaml.safe_load((out / "config.yaml").read_text())
         cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
     try:
-        results = loop.train(cfg, out, resume=args.resume, progress=not args.quiet)
+        results = loop.train(cfg, out, resume=resume, progress=not args.quiet)
+    except loop.Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
+        print(f"vlpt: {stop}", file=sys.stderr)
+        return stop.exit_code
+    except (loop.TrainingStopped, BadDataError) as err:
+        print(f"vlpt: error: {err}", file=sys.stderr)
+        return 1
     finally:
         from vlpt.train.distributed import teardown
 
@@ -61,19 +86,48 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from vlpt.eval.defaults import resolve_tasks
-    from vlpt.eval.tasks import run_suite
-    from vlpt.inference import Encoder, load_pretrainer
+    from vlpt.eval.tasks import run_suite, write_samples
+    from vlpt.inference import Model, load_pretrainer
 
     cfg, tokenizer, module, ckpt = load_pretrainer(args.checkpoint)
-    tasks = args.task or resolve_tasks(cfg.eval.tasks, cfg.data.source)
+    model = Model(module.model, tokenizer)
+    tasks = args.task or resolve_tasks(cfg.eval.tasks, cfg.data.source, model.has_text_embed, model.has_decoder)
     if not tasks:
         raise SystemExit(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; give --task")
-    results = run_suite(tasks, Encoder(module.model, tokenizer), templates=args.templates or cfg.eval.templates,
-                       progress=not args.json)
+    samples: dict = {}
+    results = run_suite(tasks, model, templates=args.templates or cfg.eval.templates, progress=not args.json,
+                        samples=samples)
+    if samples and args.captions_out:
+        write_samples(samples, args.captions_out)
     if args.json:
         print(json.dumps(results))
     else:
         print(format_results(results, title=str(ckpt)))
+    return 0
+
+
+def _caption(args) -> int:
+    import torch
+    from PIL import Image
+
+    from vlpt.inference import load
+
+    model = load(args.checkpoint)
+    if not model.has_decoder:
+        print(f"error: {args.checkpoint} has no caption decoder (train cap, cappa or coca)", file=sys.stderr)
+        return 2
+    images = []
+    for path in args.images:
+        try:
+            images.append(Image.open(path))
+        except (OSError, ValueError) as err:
+            print(f"error: cannot read image {path}: {err}", file=sys.stderr)
+            return 2
+    captions = model.generate(images, method=args.method, beam_width=args.beam_width, max_tokens=args.max_tokens,
+                              length_penalty=args.length_penalty, top_p=args.top_p, temperature=args.temperature,
+                              generator=torch.Generator().manual_seed(args.seed))
+    for path, text in zip(args.images, captions):
+        print(f"{path}\t{text}")
     return 0
 
 
@@ -123,6 +177,35 @@ def _recipes(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from vlpt.interop import MappingError, export_hf
+
+    try:
+        out = export_hf(args.run, args.out)
+    except MappingError as err:
+        print(f"vlpt: cannot export to {args.format}: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} (transformers.CLIPModel.from_pretrained, AutoTokenizer, CLIPImageProcessor)")
+    return 0
+
+
+def _import_weights(args) -> int:
+    from vlpt.interop import MappingError, import_hf, import_open_clip, save_run
+
+    try:
+        if args.source == "hf":
+            imported = import_hf(args.src, tokenizer=args.tokenizer)
+        else:
+            imported = import_open_clip(args.src, config=args.config, tokenizer=args.tokenizer,
+                                        vision_heads=args.vision_heads, text_heads=args.text_heads)
+        ckpt = save_run(imported, args.out)
+    except MappingError as err:
+        print(f"vlpt: cannot import from {args.source}: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {ckpt} (vlpt eval {args.out})")
+    return 0
+
+
 def format_results(results: dict, title: str = "") -> str:
     width = max((len(k) for k in results), default=10)
     lines = [title, "-" * (width + 12)] if title else []
@@ -148,7 +231,21 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--task", action="append", help="evaluation task (repeatable); default: the recipe's suite")
     e.add_argument("--templates", help="prompt templates: imagenet80 (default) or simple")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object of metrics on stdout")
+    e.add_argument("--captions-out", metavar="JSON", help="write the generated captions of captioning tasks here")
     e.set_defaults(fn=_eval)
+
+    c = sub.add_parser("caption", help="print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES,
+                       formatter_class=fmt)
+    c.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
+    c.add_argument("images", nargs="+", help="image files")
+    c.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam")
+    c.add_argument("--beam-width", type=int, default=6)
+    c.add_argument("--max-tokens", type=int, default=30, help="at most this many tokens before <eot>")
+    c.add_argument("--length-penalty", type=float, default=0.0, help="beam score = log p / length**penalty")
+    c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--seed", type=int, default=0, help="nucleus sampling seed")
+    c.set_defaults(fn=_caption)
 
     d = sub.add_parser("demo", help="CLIP on built-in scenes in a few minutes, with results")
     d.add_argument("overrides", nargs="*", metavar="key=value")
@@ -168,6 +265,23 @@ def parser() -> argparse.ArgumentParser:
     pk.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     pk.add_argument("--size", type=int, help="re-encode images at this size (default: keep the files)")
     da.set_defaults(fn=_data)
+
+    x = sub.add_parser("export", help="write a run as another format's model folder", epilog=EXPORT_HELP, formatter_class=fmt)
+    x.add_argument("run", help="run folder, checkpoint folder or model.safetensors")
+    x.add_argument("out", help="output folder")
+    x.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers CLIPModel folder")
+    x.set_defaults(fn=_export)
+
+    im = sub.add_parser("import-weights", help="make a vlpt run folder from HF or open_clip weights", epilog=IMPORT_HELP,
+                        formatter_class=fmt)
+    im.add_argument("src", help="hf: a CLIPModel folder; open_clip: a state dict file (.safetensors, .pt, .bin)")
+    im.add_argument("out", help="the new run folder")
+    im.add_argument("--from", dest="source", choices=["hf", "open_clip"], required=True)
+    im.add_argument("--tokenizer", help="the weights' tokenizer.json (hf: default SRC/tokenizer.json)")
+    im.add_argument("--config", help="open_clip: the model config JSON (head counts, activation check)")
+    im.add_argument("--vision-heads", type=int, help="open_clip without --config: image tower heads (default width/64)")
+    im.add_argument("--text-heads", type=int, help="open_clip without --config: text tower heads (default width/64)")
+    im.set_defaults(fn=_import_weights)
 
     r = sub.add_parser("recipes", help="list the recipes")
     r.set_defaults(fn=_recipes)

@@ -40,10 +40,32 @@ class TextConfig:
 
 
 @dataclass
+class DecoderConfig:
+    """Caption decoder (Cap, CapPa, CoCa), built only when an objective reads caption logits.
+
+    Width, heads, MLP ratio and context length are the text tower's (`model.text.*`).
+    """
+
+    depth: int = 2  # multimodal layers: causal self-attention, cross-attention to the image, MLP
+    unimodal_depth: int = 0  # CoCa: text-only layers first; their [CLS] output is the text embedding
+    blind: bool = False  # no image input at all: a text-only language model (the Cap paper's blind baseline)
+
+
+@dataclass
+class PoolerConfig:
+    """CoCa's attentional poolers over the encoder tokens."""
+
+    generative_queries: int = 0  # > 0: the decoder reads this many pooled tokens; 0: every encoder token
+    contrastive: str = "none"  # cascade (reads the generative pooler) | parallel (reads the encoder) | none
+
+
+@dataclass
 class ModelConfig:
     preset: str = "tiny"
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    poolers: PoolerConfig = field(default_factory=PoolerConfig)
     embed_dim: int = 256
     grad_checkpointing: bool = False
 
@@ -57,7 +79,7 @@ class TokenizerConfig:
 @dataclass
 class DataConfig:
     source: str = "scenes"  # see `vlpt data --help` for the spec grammar
-    max_bad_fraction: float = 0.01
+    max_bad_fraction: float = 0.01  # unreadable images / empty captions / bad rows, samples, shards: above it, stop
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop; [1, 1] = off
     cache_images: bool = True  # decode every image once into memory (else decode per batch in workers)
     num_workers: int = 0
@@ -89,6 +111,7 @@ class TrainConfig:
     deterministic: bool = False
     threads: int = 0  # 0 = torch's default
     log_every: int = 10
+    max_nonfinite_steps: int = 20  # this many non-finite losses/gradients in a row stop the run
 
 
 @dataclass
@@ -134,6 +157,12 @@ def load_recipe(name_or_path: str) -> dict:
         raise ConfigError(f"unknown recipe '{name_or_path}'.{hint} Recipes: {', '.join(available_recipes())}")
     raw = yaml.safe_load(path.read_text()) or {}
     raw.setdefault("recipe", path.stem)
+    if "base" in raw:  # `base: coca` = that recipe's keys, then these on top (a budget here replaces the base's)
+        base = load_recipe(str(raw.pop("base")))
+        if any(k in raw.get("train", {}) for k in ("steps", "epochs", "samples")):
+            for k in ("steps", "epochs", "samples"):
+                base.get("train", {}).pop(k, None)
+        raw = deep_merge(base, raw)
     return raw
 
 
@@ -236,6 +265,8 @@ def _objectives(raw: dict) -> dict:
     """`objectives: {contrastive: {weight: 1, local_loss: true}}`: everything but weight is an option."""
     out = {}
     for name, spec in (raw or {}).items():
+        if spec is False:  # `objectives.contrastive=false` drops an objective of the recipe
+            continue
         spec = dict(spec or {})
         weight = spec.pop("weight", 1.0)
         out[name] = {"weight": weight, "options": {**spec.pop("options", {}), **spec}}
@@ -279,8 +310,11 @@ def validate(cfg: Config) -> None:
             f"pick e.g. image_size={v.image_size - v.image_size % v.patch_size}"
         )
     for name, tower in (("vision", v), ("text", t)):
-        if tower.width % tower.heads:
-            raise ConfigError(f"model.{name}.width={tower.width} must be a multiple of model.{name}.heads={tower.heads}")
+        if tower.heads < 1 or tower.width % tower.heads:
+            fits = [h for h in range(1, tower.width + 1) if tower.width % h == 0]
+            near = min(fits, key=lambda h: (abs(h - tower.heads), h)) if fits else 1
+            raise ConfigError(f"model.{name}.width={tower.width} must be a multiple of model.{name}.heads={tower.heads}; "
+                              f"pick e.g. model.{name}.heads={near}")
     if v.stem not in ("patch", "conv"):
         raise ConfigError(f"model.vision.stem={v.stem!r}: choose patch or conv")
     if v.stem == "conv" and (v.patch_size & (v.patch_size - 1) or v.patch_size < 2):
@@ -295,6 +329,7 @@ def validate(cfg: Config) -> None:
             hint = f"; did you mean '{near[0]}'?" if near else ""
             raise ConfigError(f"unknown objective 'objectives.{name}'{hint} Objectives: {', '.join(OBJECTIVES)}")
         OBJECTIVES[name].check_options(cfg.objectives[name].options, f"objectives.{name}")
+    _validate_towers(cfg, {name: OBJECTIVES[name].needs for name in cfg.objectives})
     tr = cfg.train
     budgets = [k for k in ("steps", "epochs", "samples") if getattr(tr, k) is not None]
     if len(budgets) != 1:
@@ -303,8 +338,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of train.accum_steps={tr.accum_steps}")
     if tr.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={tr.precision!r}: choose auto, fp32, bf16 or fp16")
+    if tr.max_nonfinite_steps < 1:
+        raise ConfigError(f"train.max_nonfinite_steps={tr.max_nonfinite_steps} must be at least 1 (default 20)")
+    if not 0 <= cfg.data.max_bad_fraction <= 1:
+        raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be between 0 and 1 (default 0.01)")
     if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
         raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+
+
+def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
+    """Every objective must have the towers it reads."""
+    d, p = cfg.model.decoder, cfg.model.poolers
+    if p.contrastive not in ("cascade", "parallel", "none"):
+        raise ConfigError(f"model.poolers.contrastive={p.contrastive!r}: choose cascade, parallel or none")
+    if p.generative_queries < 0 or d.depth < 0 or d.unimodal_depth < 0:
+        raise ConfigError("model.poolers.generative_queries, model.decoder.depth and unimodal_depth must be >= 0")
+    captioners = [n for n, need in needs.items() if "caption_logits" in need]
+    if captioners and d.depth + d.unimodal_depth == 0:
+        raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "
+                          "set e.g. model.decoder.depth=2")
+    if d.blind:
+        seeing = [n for n, need in needs.items() if "image_embed" in need or "image_tokens" in need]
+        if seeing:
+            raise ConfigError(f"model.decoder.blind=true removes the image tower, but objectives.{seeing[0]} needs it; "
+                              f"drop it (objectives.{seeing[0]}=false) or set model.decoder.blind=false")
+        if not captioners:
+            raise ConfigError("model.decoder.blind=true needs a captioning objective (objectives.captioning)")
 
 
 def to_dict(cfg: Config) -> dict:

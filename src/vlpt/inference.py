@@ -1,24 +1,76 @@
-"""A trained model with its tokenizer, ready to embed images and texts (what evaluation uses)."""
+"""A trained model with its tokenizer and preprocessing: what `vlpt.load` returns and evaluation uses.
+
+    model = vlpt.load("runs/clip")
+    image_embeddings = model.encode_image([Image.open("cat.jpg")])
+    text_embeddings = model.encode_text(["a photo of a cat", "a photo of a dog"])
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Sequence, Union
 
 import torch
+from PIL import Image
 
 from vlpt import config as config_lib
+from vlpt.data.dataset import to_uint8
 from vlpt.data.tokenizer import TextTokenizer
+from vlpt.models import captioner
 from vlpt.models.model import ImageTextModel
 from vlpt.train import checkpoint
 from vlpt.train.pretrainer import Pretrainer, build
 
 
-class Encoder:
-    """encode_images / encode_texts / image_features on batches, in inference mode."""
+Images = Union[Image.Image, str, Path, torch.Tensor, Sequence[Union[Image.Image, str, Path]]]
+
+
+class Model:
+    """A trained model in inference mode.
+
+    User API (images: PIL images, paths, or uint8 tensors [B,3,H,W]; texts: a string or a list):
+      encode_image, encode_text -> unit-norm embeddings; score_captions -> [B,C] log-likelihoods;
+      generate -> captions; preprocess -> uint8 [B,3,S,S] as the model saw in training.
+    Evaluation contract (uint8 batches): encode_images, encode_texts, image_features, caption, score_texts,
+    caption_loss.
+    """
 
     def __init__(self, model: ImageTextModel, tokenizer: TextTokenizer, device: torch.device | str = "cpu"):
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
         self.image_size = model.cfg.vision.image_size
+
+    # ------------------------------------------------------------------------------------ user API
+    def preprocess(self, images: Images) -> torch.Tensor:
+        """PIL images or paths -> uint8 [B,3,S,S] (RGB, shorter side resized, centre crop); tensors pass through."""
+        if isinstance(images, torch.Tensor):
+            return images if images.dim() == 4 else images[None]
+        if isinstance(images, (Image.Image, str, Path)):
+            images = [images]
+        return torch.stack([to_uint8(Image.open(i) if isinstance(i, (str, Path)) else i, self.image_size) for i in images])
+
+    def encode_image(self, images: Images) -> torch.Tensor:
+        self._need(self.model.has_text_embed, "image embeddings", "a contrastive objective (CLIP, SigLIP, CoCa)")
+        return self.encode_images(self.preprocess(images))
+
+    def encode_text(self, texts: str | list[str]) -> torch.Tensor:
+        self._need(self.model.has_text_embed, "text embeddings", "a contrastive objective (CLIP, SigLIP, CoCa)")
+        return self.encode_texts([texts] if isinstance(texts, str) else list(texts))
+
+    def score_captions(self, images: Images, texts: str | list[str], prompt: str = "", normalize: bool = False) -> torch.Tensor:
+        self._need(self.model.has_decoder, "caption scores", "a caption decoder (Cap, CapPa, CoCa)")
+        return self.score_texts(self.preprocess(images), [texts] if isinstance(texts, str) else list(texts), prompt, normalize)
+
+    def generate(self, images: Images, **generation) -> list[str]:
+        """Captions; keywords: method (beam|greedy|nucleus), beam_width, max_tokens, length_penalty, top_p, temperature."""
+        self._need(self.model.has_decoder, "captions", "a caption decoder (Cap, CapPa, CoCa)")
+        return self.caption(self.preprocess(images), **generation)
+
+    def _need(self, ok: bool, what: str, needs: str) -> None:
+        if not ok:
+            raise ValueError(f"this model cannot give {what}: "
+                             f"that needs a model trained with {needs}")
+
+    # ------------------------------------------------------------------------------------ batches
 
     @torch.inference_mode()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -32,11 +84,54 @@ class Encoder:
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self._eval(lambda: self.model.image_features(images.to(self.device)))
 
+    @property
+    def has_text_embed(self) -> bool:
+        return self.model.has_text_embed
+
+    @property
+    def has_decoder(self) -> bool:
+        return self.model.has_decoder
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor | None:
+        return None if self.model.visual is None else images.to(self.device)
+
+    @torch.inference_mode()
+    def caption(self, images: torch.Tensor, **generation) -> list[str]:
+        """Captions for uint8 images [B,3,H,W]; keywords go to `vlpt.models.captioner.generate`."""
+        generation.setdefault("max_tokens", min(30, self.model.cfg.text.context_length - 2))
+        ids = self._eval(lambda: captioner.generate(self.model, self._images(images), batch=len(images), **generation))
+        return [self.tokenizer.decode(seq) for seq in ids]
+
+    @torch.inference_mode()
+    def score_texts(self, images: torch.Tensor, texts: list[str], prompt: str = "", normalize: bool = False) -> torch.Tensor:
+        """[B,C] log-likelihood of each text (after `prompt`, which is read but not scored) given each image."""
+        ids = self.tokenizer([prompt + t for t in texts]).to(self.device)
+        prefix = len(self.tokenizer.tok.encode(prompt, add_special_tokens=False).ids) if prompt else 0
+        return self._eval(lambda: captioner.score(self.model, self._images(images), ids, normalize=normalize,
+                                                  prefix_len=prefix, batch=len(images)))
+
+    @torch.inference_mode()
+    def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]:
+        """(summed token negative log-likelihood, number of tokens) of texts[i] given images[i], <eot> included."""
+        ids = self.tokenizer(texts).to(self.device)
+
+        def run():
+            m = self.model
+            memory = None if m.decoder.blind else m.image_memory(m.visual(images.to(self.device))[1])
+            logits, _ = m.decoder(ids, memory)
+            real = ids[:, 1:] != m.decoder.pad_id
+            nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+            return torch.stack([(nll * real).sum(), real.sum()])
+
+        total, count = self._eval(run).tolist()
+        return total, int(count)
+
     def _eval(self, fn):
         was_training = self.model.training
         self.model.eval()
         try:
-            return fn().float().cpu()
+            out = fn()
+            return out.float().cpu() if isinstance(out, torch.Tensor) else out
         finally:
             self.model.train(was_training)
 
@@ -52,6 +147,8 @@ def load_pretrainer(path: str | Path, device: str = "cpu") -> tuple[config_lib.C
     return cfg, tokenizer, module.to(device).eval(), ckpt
 
 
-def load(path: str | Path, device: str = "cpu") -> Encoder:
+def load(path: str | Path, device: str = "cpu") -> Model:
+    """A run folder, checkpoint folder or model.safetensors -> Model (see the module docstring)."""
     cfg, tokenizer, module, _ = load_pretrainer(path, device)
-    return Encoder(module.model, tokenizer, device)
+    return Model(module.model, tokenizer, device)
+
