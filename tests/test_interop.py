@@ -212,11 +212,19 @@ def open_clip_state(v_width=64, v_depth=2, patch=8, grid=4, t_width=48, t_depth=
         shapes |= {f"{ln}.weight": (w,), f"{ln}.bias": (w,)}
     for prefix, w, depth in (("visual.", v_width, v_depth), ("", t_width, t_depth)):
         for i in range(depth):
-            b = f"{prefix}transformer.resblocks.{i}."
-            shapes |= {b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "attn.in_proj_weight": (3 * w, w),
-                       b + "attn.in_proj_bias": (3 * w,), b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
-                       b + "ln_2.weight": (w,), b + "ln_2.bias": (w,), b + "mlp.c_fc.weight": (4 * w, w),
-                       b + "mlp.c_fc.bias": (4 * w,), b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)}
+            shapes |= resblock_shapes(f"{prefix}transformer.resblocks.{i}.", w)
+    return random_state(shapes)
+
+
+def resblock_shapes(b: str, w: int) -> dict:
+    """open_clip's ResidualAttentionBlock (torch MultiheadAttention, fused in_proj)."""
+    return {b + "ln_1.weight": (w,), b + "ln_1.bias": (w,), b + "attn.in_proj_weight": (3 * w, w),
+            b + "attn.in_proj_bias": (3 * w,), b + "attn.out_proj.weight": (w, w), b + "attn.out_proj.bias": (w,),
+            b + "ln_2.weight": (w,), b + "ln_2.bias": (w,), b + "mlp.c_fc.weight": (4 * w, w),
+            b + "mlp.c_fc.bias": (4 * w,), b + "mlp.c_proj.weight": (w, 4 * w), b + "mlp.c_proj.bias": (w,)}
+
+
+def random_state(shapes: dict) -> dict:
     g = torch.Generator().manual_seed(0)
     sd = {k: torch.randn(s, generator=g) * (0.3 if len(s) > 1 else 0.1) for k, s in shapes.items()}
     for k in sd:
@@ -292,7 +300,9 @@ def test_open_clip_mismatches_are_named():
         import_open_clip(sd, config={"quick_gelu": True})
     with pytest.raises(MappingError, match="text_cfg.pool_type=last"):
         import_open_clip(sd, config={"text_cfg": {"pool_type": "last"}})
-    with pytest.raises(MappingError, match="open_clip CoCa does not map"):
+    with pytest.raises(MappingError, match=r"\[CLS\] \(embed_cls\) and no caption decoder"):
+        import_open_clip({**sd, "cls_emb": torch.ones(48)})
+    with pytest.raises(MappingError, match="missing from the state dict: text.token_embedding"):  # a decoder: CoCa
         import_open_clip({**sd, "text_decoder.ln_final.weight": torch.ones(48)})
     with pytest.raises(MappingError, match="not open_clip's ViT"):
         import_open_clip({k.replace("visual.conv1", "visual.trunk.patch_embed"): v for k, v in sd.items()})
@@ -356,3 +366,145 @@ def test_open_clip_weights_give_open_clip_embeddings(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(imp.module.model.encode_image(ref["images"]), ref["image_embed"], atol=1e-4, rtol=0)
         torch.testing.assert_close(imp.module.model.encode_text(ref["text"]), ref["text_embed"], atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ open_clip CoCa
+COCA_CONFIG = {"vision_cfg": {"width": 64, "head_width": 16, "attn_pooler_heads": 4}, "text_cfg": {"heads": 4}}
+
+
+def open_clip_coca_state(v_width=64, grid=4, width=48, ctx=12, vocab=282, queries=5, depth=2):
+    """A CoCa state dict with open_clip's names (coca_model.py; transformer.py: VisionTransformer with
+    attentional_pool=True, TextTransformer with embed_cls=True, MultimodalTransformer); embed_dim = width."""
+    pool = "visual.attn_pool."
+    shapes = {"visual.conv1.weight": (v_width, 3, 8, 8), "visual.class_embedding": (v_width,),
+              "visual.positional_embedding": (grid * grid + 1, v_width), "visual.proj": (width, width),
+              pool + "query": (queries, width), pool + "attn.q_proj_weight": (width, width),
+              pool + "attn.k_proj_weight": (width, v_width), pool + "attn.v_proj_weight": (width, v_width),
+              pool + "attn.in_proj_bias": (3 * width,), pool + "attn.out_proj.weight": (width, width),
+              pool + "attn.out_proj.bias": (width,), "text.token_embedding.weight": (vocab, width),
+              "text.positional_embedding": (ctx + 1, width), "text.cls_emb": (width,),
+              "text.text_projection": (width, width), "text_decoder.text_projection": (width, vocab), "logit_scale": ()}
+    for ln, w in (("visual.ln_pre", v_width), ("visual.ln_post", width), (pool + "ln_q", width), (pool + "ln_k", v_width),
+                  ("text.ln_final", width), ("text_decoder.ln_final", width)):
+        shapes |= {f"{ln}.weight": (w,), f"{ln}.bias": (w,)}
+    for i in range(depth):
+        shapes |= resblock_shapes(f"visual.transformer.resblocks.{i}.", v_width)
+        shapes |= resblock_shapes(f"text.transformer.resblocks.{i}.", width)
+        shapes |= resblock_shapes(f"text_decoder.resblocks.{i}.", width)
+        cross = f"text_decoder.cross_attn.{i}."
+        shapes |= resblock_shapes(cross, width) | {cross + "ln_1_kv.weight": (width,), cross + "ln_1_kv.bias": (width,)}
+    return random_state(shapes)
+
+
+def test_open_clip_coca_state_dict_maps_every_tensor():
+    sd = open_clip_coca_state()
+    imp = import_open_clip(sd, config=COCA_CONFIG)
+    m = imp.cfg.model
+    assert (m.decoder.style, m.poolers.style, m.poolers.contrastive, m.poolers.generative_queries, m.poolers.heads) == \
+        ("open_clip", "open_clip", "first", 5, 4)
+    assert (m.text.context_length, m.decoder.unimodal_depth, m.decoder.depth, m.vision.heads, m.embed_dim) == (12, 2, 2, 4, 48)
+    assert list(imp.cfg.objectives) == ["contrastive", "captioning"]
+    # where open_clip fuses what vlpt keeps apart, and x @ P (transposed)
+    state, x, pool = imp.module.state_dict(), "text_decoder.cross_attn.1.", "visual.attn_pool.attn."
+    pairs = [("model.decoder.multimodal.1.cross.q.weight", sd[x + "attn.in_proj_weight"][:48]),
+             ("model.decoder.multimodal.1.cross.kv.bias", sd[x + "attn.in_proj_bias"][48:]),
+             ("model.decoder.multimodal.1.cross.ln_kv.weight", sd[x + "ln_1_kv.weight"]),
+             ("model.decoder.multimodal.1.mlp.fc2.weight", sd[x + "mlp.c_proj.weight"]),
+             ("model.decoder.multimodal.1.sa_mlp.fc1.weight", sd["text_decoder.resblocks.1.mlp.c_fc.weight"]),
+             ("model.gen_pool.kv.weight", torch.cat([sd[pool + "k_proj_weight"], sd[pool + "v_proj_weight"]])),
+             ("model.gen_pool.q.bias", sd[pool + "in_proj_bias"][:48]), ("model.ln_pool.bias", sd["visual.ln_post.bias"]),
+             ("model.decoder.head.weight", sd["text_decoder.text_projection"].T),
+             ("model.decoder.ln_cls.weight", sd["text.ln_final.weight"])]
+    for name, want in pairs:
+        assert torch.equal(state[name], want), name
+    assert torch.equal(state["model.decoder.head.bias"], torch.zeros(282))  # open_clip's output layer has none
+    # every tensor has its place: one more, or one less, is named
+    with pytest.raises(MappingError, match=r"1 source tensor.*text_decoder\.cross_attn\.0\.ls_2\.gamma"):
+        import_open_clip({**sd, "text_decoder.cross_attn.0.ls_2.gamma": torch.ones(48)}, config=COCA_CONFIG)
+    with pytest.raises(MappingError, match=r"missing.*text_decoder\.cross_attn\.1\.ln_1_kv\.bias"):
+        import_open_clip({k: v for k, v in sd.items() if k != x + "ln_1_kv.bias"}, config=COCA_CONFIG)
+    with pytest.raises(MappingError, match="attentional_pool=False"):  # CoCa needs its pooler
+        import_open_clip(sd, config={"vision_cfg": {"attentional_pool": False}})
+    with pytest.raises(MappingError, match="parallel/cascade"):
+        import_open_clip({**sd, "visual.attn_pool_contrastive.query": torch.ones(1, 48)}, config=COCA_CONFIG)
+
+
+def test_open_clip_coca_with_a_tokenizer_pads_as_open_clip(tmp_path):
+    """vlpt's <pad> (a new id) must act as open_clip's pad id 0, which CoCa's [CLS] reads; vlpt's added ids
+    are never predicted; and the CLI writes a run that captions."""
+    from safetensors.torch import save_file
+
+    sd = open_clip_coca_state()
+    tok_json = openai_style_tokenizer()
+    (tmp_path / "tokenizer.json").write_text(tok_json)
+    plain = import_open_clip(sd, config=COCA_CONFIG)  # ids as open_clip's tokenizer pads them: with 0
+    imp = import_open_clip(sd, config=COCA_CONFIG, tokenizer=tmp_path / "tokenizer.json")
+    ids, mine = openai_style_ids(tok_json, TEXTS, 12), imp.tokenizer(TEXTS)
+    assert imp.tokenizer.pad_id >= 282 and torch.equal(mine == imp.tokenizer.pad_id, ids == 0) and (ids == 0).any()
+    batch = {"image": images(3), "text": mine}
+    with torch.no_grad():
+        got = imp.module.model(batch, imp.module.needs)
+        want = plain.module.model({"image": batch["image"], "text": ids}, plain.module.needs)
+    torch.testing.assert_close(got["text_embed"], want["text_embed"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(got["caption_logits"].log_softmax(-1)[..., :282], want["caption_logits"].log_softmax(-1),
+                               atol=1e-5, rtol=0)
+
+    save_file(sd, tmp_path / "coca.safetensors")
+    (tmp_path / "cfg.json").write_text(json.dumps(COCA_CONFIG))
+    assert cli_main(["import-weights", str(tmp_path / "coca.safetensors"), str(tmp_path / "run"), "--from", "open_clip",
+                     "--config", str(tmp_path / "cfg.json"), "--tokenizer", str(tmp_path / "tokenizer.json")]) == 0
+    model = inference.load(tmp_path / "run")
+    torch.testing.assert_close(model.encode_texts(TEXTS), got["text_embed"], atol=1e-6, rtol=0)
+    assert len(model.caption(images(2), max_tokens=4)) == 2
+
+
+@needs_peer
+def test_open_clip_coca_gives_open_clip_embeddings_and_caption_logits(tmp_path):
+    """Against open_clip's own CoCa forward, run in its venv: image tokens wider than (fused q/k/v: as wide
+    as) the pooler; texts with padding and one filling the context (its [CLS] then sees itself)."""
+    script = textwrap.dedent(f"""
+        import torch
+        from safetensors.torch import save_file
+        from open_clip.coca_model import CoCa
+        V, L = 300, 12
+        img = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+        mean = torch.tensor({MEAN.flatten().tolist()}).view(1, 3, 1, 1)
+        std = torch.tensor({STD.flatten().tolist()}).view(1, 3, 1, 1)
+        text = torch.zeros(3, L, dtype=torch.long)
+        for i, n in enumerate((3, 7, L - 2)):
+            text[i, 0], text[i, n + 1] = V - 2, V - 1
+            text[i, 1:n + 1] = torch.randint(5, V - 2, (n,))
+        out = {{"images": img, "text": text}}
+        for v_width in (64, 48):
+            torch.manual_seed(v_width)
+            m = CoCa(embed_dim=48, multimodal_cfg=dict(context_length=L, vocab_size=V, width=48, heads=4, layers=2),
+                     text_cfg=dict(context_length=L, vocab_size=V, width=48, heads=4, layers=2, embed_cls=True,
+                                   output_tokens=True),
+                     vision_cfg=dict(image_size=32, patch_size=8, width=v_width, layers=2, head_width=16,
+                                     attentional_pool=True, attn_pooler_heads=4, attn_pooler_queries=5,
+                                     output_tokens=True)).eval()
+            with torch.no_grad():
+                m.text_decoder.text_projection.normal_(std=0.2)  # open_clip leaves it torch.empty
+                for p in m.parameters():
+                    p.add_(torch.randn_like(p) * 0.1)
+                o = m((img.float() / 255 - mean) / std, text)
+            for k in ("image_features", "text_features", "logits"):
+                out[f"{{k}}_{{v_width}}"] = o[k]
+            torch.save(m.state_dict(), f"{tmp_path}/coca_{{v_width}}.pt")
+        save_file(out, "{tmp_path}/ref.safetensors")
+    """)
+    done = subprocess.run([str(PEER), "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    ref = load_file(tmp_path / "ref.safetensors")
+    assert (ref["text"] == 0).any() and not (ref["text"][2] == 0).any()
+    for v_width in (64, 48):
+        config = {"vision_cfg": {"width": v_width, "head_width": 16, "attn_pooler_heads": 4}, "text_cfg": {"heads": 4}}
+        imp = import_open_clip(tmp_path / f"coca_{v_width}.pt", config=config)
+        model = imp.module.model
+        with torch.no_grad():
+            out = model({"image": ref["images"], "text": ref["text"]}, imp.module.needs)
+            torch.testing.assert_close(model.encode_image(ref["images"]), ref[f"image_features_{v_width}"], atol=1e-4, rtol=0)
+            torch.testing.assert_close(model.encode_text(ref["text"]), ref[f"text_features_{v_width}"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["image_embed"], ref[f"image_features_{v_width}"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["text_embed"], ref[f"text_features_{v_width}"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(out["caption_logits"], ref[f"logits_{v_width}"], atol=1e-4, rtol=0)

@@ -50,7 +50,7 @@ IMPORT_HELP = """examples:
   vlpt import-weights ViT-B-32.safetensors runs/b32 --from open_clip --config ViT-B-32.json --tokenizer tokenizer.json
   vlpt eval runs/b32 --task zeroshot:cifar10:test
 
-open_clip weights carry no tokenizer: give the tokenizer.json of their vocabulary."""
+open_clip weights (CLIP, or CoCa: told by the tensors) carry no tokenizer: give the tokenizer.json of their vocabulary."""
 
 
 def _train(args) -> int:

@@ -49,6 +49,10 @@ class DecoderConfig:
     depth: int = 2  # multimodal layers: causal self-attention, cross-attention to the image, MLP
     unimodal_depth: int = 0  # CoCa: text-only layers first; their [CLS] output is the text embedding
     blind: bool = False  # no image input at all: a text-only language model (the Cap paper's blind baseline)
+    # open_clip: open_clip's CoCa layout (for imported weights): each multimodal layer is two residual blocks
+    # (self-attention + MLP, then cross-attention + MLP with a LayerNorm on the image tokens); the [CLS]
+    # follows all L text tokens (L+1 positions) under open_clip's shifted padding mask (see decoder.py)
+    style: str = "vlpt"  # vlpt | open_clip
 
 
 @dataclass
@@ -57,6 +61,11 @@ class PoolerConfig:
 
     generative_queries: int = 0  # > 0: the decoder reads this many pooled tokens; 0: every encoder token
     contrastive: str = "none"  # cascade (reads the generative pooler) | parallel (reads the encoder) | none
+    #   | first (the generative pooler's first output; the decoder reads the others: open_clip's CoCa)
+    heads: int = 0  # attention heads of the poolers; 0 = model.vision.heads
+    # open_clip: the pooler reads every ViT token ([CLS] included) before the ViT's final LayerNorm, which
+    # follows the pooler instead, and pools to model.embed_dim-wide tokens (open_clip's attentional_pool)
+    style: str = "vlpt"  # vlpt | open_clip
 
 
 @dataclass
@@ -349,10 +358,28 @@ def validate(cfg: Config) -> None:
 def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     """Every objective must have the towers it reads."""
     d, p = cfg.model.decoder, cfg.model.poolers
-    if p.contrastive not in ("cascade", "parallel", "none"):
-        raise ConfigError(f"model.poolers.contrastive={p.contrastive!r}: choose cascade, parallel or none")
-    if p.generative_queries < 0 or d.depth < 0 or d.unimodal_depth < 0:
-        raise ConfigError("model.poolers.generative_queries, model.decoder.depth and unimodal_depth must be >= 0")
+    if p.contrastive not in ("cascade", "parallel", "first", "none"):
+        raise ConfigError(f"model.poolers.contrastive={p.contrastive!r}: choose cascade, parallel, first or none")
+    if p.generative_queries < 0 or d.depth < 0 or d.unimodal_depth < 0 or p.heads < 0:
+        raise ConfigError("model.poolers.generative_queries, model.poolers.heads, model.decoder.depth and "
+                          "unimodal_depth must be >= 0")
+    for key, style in (("model.decoder.style", d.style), ("model.poolers.style", p.style)):
+        if style not in ("vlpt", "open_clip"):
+            raise ConfigError(f"{key}={style!r}: choose vlpt or open_clip")
+    if p.contrastive == "first" and p.generative_queries < 2:
+        raise ConfigError("model.poolers.contrastive=first needs model.poolers.generative_queries >= 2 "
+                          "(the first output is the contrastive feature, the others the decoder's)")
+    if p.style == "open_clip" and (p.contrastive != "first" or cfg.model.vision.pool != "cls"):
+        raise ConfigError("model.poolers.style=open_clip needs model.poolers.contrastive=first and "
+                          "model.vision.pool=cls (open_clip's pooler reads the [CLS] too)")
+    width = cfg.model.embed_dim if p.style == "open_clip" else cfg.model.vision.width
+    heads = p.heads or cfg.model.vision.heads
+    if width % heads:
+        raise ConfigError(f"the poolers' {heads} heads (model.poolers.heads, 0 = model.vision.heads) must divide "
+                          f"their width {width}")
+    if d.style == "open_clip" and d.unimodal_depth < 1:
+        raise ConfigError("model.decoder.style=open_clip needs model.decoder.unimodal_depth >= 1 "
+                          "(open_clip's CoCa text tower)")
     captioners = [n for n, need in needs.items() if "caption_logits" in need]
     if captioners and d.depth + d.unimodal_depth == 0:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "

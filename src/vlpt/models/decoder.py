@@ -5,6 +5,9 @@ Pre-LN blocks: causal self-attention, then cross-attention to the image tokens, 
 unimodal part is the text embedding. Learned positions, a final LN and an untied zero-initialised output
 layer. Training reads the text [sot, w1.., eot, pad..] as input text[:, :-1] and targets text[:, 1:].
 
+`model.decoder.style=open_clip` is open_clip's CoCa (for imported weights): split multimodal layers (see
+DecoderBlock), a LayerNorm on the image tokens, the [CLS] after all L tokens under open_clip's padding mask.
+
 For generation, `start`/`step` run one new token per call against a key/value cache (`DecodeCache`), so
 a sequence of n tokens costs n single-token passes instead of n full passes.
 """
@@ -49,13 +52,14 @@ class SelfAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    def __init__(self, width: int, memory_width: int, heads: int):
+    def __init__(self, width: int, memory_width: int, heads: int, norm_memory: bool = False):
         super().__init__()
         self.heads = heads
         self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(memory_width, 2 * width), nn.Linear(width, width)
+        self.ln_kv = nn.LayerNorm(memory_width) if norm_memory else nn.Identity()  # open_clip's ln_1_kv
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(memory).chunk(2, dim=-1)
+        k, v = self.kv(self.ln_kv(memory)).chunk(2, dim=-1)
         return _heads(k, self.heads), _heads(v, self.heads)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -64,17 +68,22 @@ class CrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """x + SA(LN x); [x + XA(LN x, image)]; x + MLP(LN x). Without `memory_width` it is a text-only block."""
+    """x + SA(LN x); [x + XA(LN x, image)]; x + MLP(LN x). Without `memory_width` it is a text-only block.
+    `split` (open_clip's multimodal layer): x + SA(LN x); x + MLP_sa(LN x); x + XA(LN x, LN image); x + MLP(LN x)."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, memory_width: int | None):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, memory_width: int | None, split: bool = False):
         super().__init__()
         self.ln1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
-        self.cross = CrossAttention(width, memory_width, heads) if memory_width else None
+        self.cross = CrossAttention(width, memory_width, heads, norm_memory=split) if memory_width else None
         self.ln_cross = nn.LayerNorm(width) if memory_width else None
         self.ln2, self.mlp = nn.LayerNorm(width), MLP(width, mlp_ratio)
+        split = split and memory_width is not None
+        self.ln_sa_mlp, self.sa_mlp = (nn.LayerNorm(width), MLP(width, mlp_ratio)) if split else (None, None)
 
     def forward(self, x, mask=None, memory=None, cache=None, pos=0):
         x = x + self.attn(self.ln1(x), mask, cache, pos)
+        if self.sa_mlp is not None:
+            x = x + self.sa_mlp(self.ln_sa_mlp(x))
         if self.cross is not None:
             kv = cache["memory"] if cache is not None else self.cross.memory_kv(memory)
             x = x + self.cross(self.ln_cross(x), kv)
@@ -102,10 +111,12 @@ class CaptionDecoder(nn.Module):
         super().__init__()
         w, self.context_length = text.width, text.context_length
         self.pad_id, self.sot_id, self.eot_id, self.mask_id = (specials[k] for k in ("pad", "sot", "eot", "mask"))
-        self.heads = text.heads
+        self.heads, self.style = text.heads, cfg.style
         self.token_embed = nn.Embedding(vocab_size, w)
-        self.pos_embed = nn.Parameter(torch.randn(1, text.context_length, w) * 0.01)
-        block = lambda mem: DecoderBlock(w, text.heads, text.mlp_ratio, mem)  # noqa: E731
+        positions = text.context_length + (cfg.style == "open_clip")  # open_clip: the [CLS] after all L tokens
+        self.pos_embed = nn.Parameter(torch.randn(1, positions, w) * 0.01)
+        split = cfg.style == "open_clip"
+        block = lambda mem: DecoderBlock(w, text.heads, text.mlp_ratio, mem, split)  # noqa: E731
         self.unimodal = nn.ModuleList(block(None) for _ in range(cfg.unimodal_depth))
         self.multimodal = nn.ModuleList(block(None if cfg.blind else memory_width) for _ in range(cfg.depth))
         if cfg.unimodal_depth:  # CoCa's [CLS], appended after the text; its unimodal output is the text embedding
@@ -134,6 +145,8 @@ class CaptionDecoder(nn.Module):
 
     def _unimodal(self, text: torch.Tensor, parallel: torch.Tensor | None):
         """Embed text[:, :-1] and run the text-only layers -> (x [B,n,W], [CLS] features or None, mask)."""
+        if self.style == "open_clip":
+            return self._unimodal_open_clip(text, parallel)
         inp = text[:, :-1]
         b, n = inp.shape
         if parallel is not None:
@@ -150,6 +163,21 @@ class CaptionDecoder(nn.Module):
         cls_row = torch.cat([text[:, :-1] != self.pad_id, torch.ones(b, 1, dtype=torch.bool, device=x.device)], 1)
         x = self._run(self.unimodal, x, torch.cat([top, cls_row[:, None, None, :]], dim=2))
         return x[:, :-1], self.ln_cls(x[:, -1]), mask
+
+    def _unimodal_open_clip(self, text: torch.Tensor, parallel: torch.Tensor | None):
+        """open_clip's text tower: all L tokens then the [CLS]; the decoder reads the first L-1 outputs."""
+        b, n = text.shape
+        inp = text if parallel is None else torch.where(parallel[:, None], torch.full_like(text, self.mask_id), text)
+        x = torch.cat([self.token_embed(inp), self.cls_token.expand(b, -1, -1)], dim=1) + self.pos_embed[:, : n + 1]
+        rows = torch.ones(n + 1, n + 1, dtype=torch.bool, device=x.device).tril()
+        if parallel is not None:
+            rows = rows | parallel[:, None, None, None]
+        # open_clip's quirk (correct_cls_mask=False): the padding mask is shifted one key right, for every row;
+        # so the [CLS] sees <sot>..the first padding token, and itself only when the text fills the context
+        keys = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device), text != self.pad_id], dim=1)
+        x = self._run(self.unimodal, x, rows & keys[:, None, None, :])
+        mask = None if parallel is None else rows[..., : n - 1, : n - 1]
+        return x[:, : n - 1], self.ln_cls(x[:, -1]), mask
 
     def text_features(self, text: torch.Tensor) -> torch.Tensor:
         """CoCa's text embedding before projection: the [CLS] output of the unimodal layers."""

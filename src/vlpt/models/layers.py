@@ -60,19 +60,21 @@ class Transformer(nn.Module):
 
 
 class AttentionPool(nn.Module):
-    """Multi-head attention with learned queries over a token sequence (MAP head / attentional pooler)."""
+    """Multi-head attention with learned queries over a token sequence (MAP head / attentional pooler).
+    `out_width`: queries, attention and outputs of another width than the tokens (open_clip's pooler)."""
 
-    def __init__(self, width: int, heads: int, queries: int = 1):
+    def __init__(self, width: int, heads: int, queries: int = 1, out_width: int | None = None):
         super().__init__()
         self.heads = heads
-        self.query = nn.Parameter(torch.randn(queries, width) * width**-0.5)
-        self.ln_q, self.ln_kv = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.q, self.kv, self.proj = nn.Linear(width, width), nn.Linear(width, 2 * width), nn.Linear(width, width)
+        d = out_width or width
+        self.query = nn.Parameter(torch.randn(queries, d) * d**-0.5)
+        self.ln_q, self.ln_kv = nn.LayerNorm(d), nn.LayerNorm(width)
+        self.q, self.kv, self.proj = nn.Linear(d, d), nn.Linear(width, 2 * d), nn.Linear(d, d)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, w = x.shape
-        h = self.heads
-        q = self.q(self.ln_q(self.query)).view(1, -1, h, w // h).transpose(1, 2).expand(b, -1, -1, -1)
-        k, v = self.kv(self.ln_kv(x)).view(b, n, 2, h, w // h).permute(2, 0, 3, 1, 4)
+        b, n, _ = x.shape
+        h, d = self.heads, self.q.out_features
+        q = self.q(self.ln_q(self.query)).view(1, -1, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)
+        k, v = self.kv(self.ln_kv(x)).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, -1, w))
+        return self.proj(y.transpose(1, 2).reshape(b, -1, d))

@@ -1,7 +1,7 @@
 """ImageTextModel: the towers a recipe asks for, computed once per batch into a dict of outputs.
 
 Which towers exist follows from what the recipe's objectives read (`needs`):
-  image_embed  ViT (+ CoCa's contrastive pooler) -> image_proj
+  image_embed  ViT (+ CoCa's contrastive pooler, or the generative pooler's first output) -> image_proj
   text_embed   the CLIP text tower -> text_proj; or, with unimodal decoder layers (CoCa), the decoder's [CLS]
   caption_logits  the caption decoder, cross-attending to the ViT tokens (or the generative pooler's)
 """
@@ -29,21 +29,26 @@ class ImageTextModel(nn.Module):
         has_decoder = "caption_logits" in needs
         self.text_from_decoder = has_decoder and d.unimodal_depth > 0
         sees_image = "image_embed" in needs or (has_decoder and not d.blind)
-        self.visual = VisionTransformer(v) if sees_image else None
-        self.decoder = self.text = self.gen_pool = self.con_pool = None
+        open_clip = p.style == "open_clip"
+        pool_width = cfg.embed_dim if open_clip else v.width  # open_clip pools to embed_dim-wide tokens
+        self.visual = VisionTransformer(v, raw_tokens=open_clip) if sees_image else None
+        self.decoder = self.text = self.gen_pool = self.con_pool = self.ln_pool = None
         if has_decoder:
-            self.decoder = CaptionDecoder(d, t, vocab_size, v.width,
+            self.decoder = CaptionDecoder(d, t, vocab_size, pool_width if p.generative_queries else v.width,
                                           {"pad": pad_id, "sot": sot_id, "eot": eot_id, "mask": mask_id})
-            if p.generative_queries and not d.blind:
-                self.gen_pool = AttentionPool(v.width, v.heads, p.generative_queries)
+        first_only = "image_embed" in needs and p.contrastive == "first"  # an encoder that reads the first output
+        if p.generative_queries and (has_decoder and not d.blind or first_only):
+            self.gen_pool = AttentionPool(v.width, p.heads or v.heads, p.generative_queries, pool_width)
+            if open_clip:  # the ViT's final LayerNorm, moved after the pooler (open_clip's ln_post)
+                self.ln_pool = nn.LayerNorm(pool_width)
         if "text_embed" in needs and not self.text_from_decoder:
             self.text = TextTransformer(t, vocab_size, eot_id)
-        if "image_embed" in needs and p.contrastive != "none":
-            self.con_pool = AttentionPool(v.width, v.heads, 1)
-        self.image_proj = nn.Linear(v.width, cfg.embed_dim, bias=False) if "image_embed" in needs else None
+        if "image_embed" in needs and p.contrastive in ("cascade", "parallel"):
+            self.con_pool = AttentionPool(v.width, p.heads or v.heads, 1)
+        self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in needs else None
         self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False) if "text_embed" in needs else None
         if self.image_proj is not None:
-            nn.init.normal_(self.image_proj.weight, std=v.width**-0.5)
+            nn.init.normal_(self.image_proj.weight, std=pool_width**-0.5)
         if self.text_proj is not None:
             nn.init.normal_(self.text_proj.weight, std=t.width**-0.5)
         self.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -64,15 +69,27 @@ class ImageTextModel(nn.Module):
     # ------------------------------------------------------------------------------------ pieces
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled, unprojected image features (what probes read)."""
-        return self.visual(images)[0]
+        pooled, tokens = self.visual(images)
+        return self._pool(tokens)[1] if self.cfg.poolers.contrastive == "first" else pooled
+
+    def _pool(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """-> (what the decoder cross-attends to, the contrastive feature if contrastive=first else None)."""
+        if self.gen_pool is None:
+            return tokens, None
+        x = self.gen_pool(tokens)
+        if self.ln_pool is not None:
+            x = self.ln_pool(x)
+        return (x[:, 1:], x[:, 0]) if self.cfg.poolers.contrastive == "first" else (x, None)
 
     def image_memory(self, tokens: torch.Tensor) -> torch.Tensor:
         """What the decoder cross-attends to: the generative pooler's outputs, or every encoder token."""
-        return self.gen_pool(tokens) if self.gen_pool is not None else tokens
+        return self._pool(tokens)[0]
 
-    def _image_embed(self, pooled, tokens, memory) -> torch.Tensor:
+    def _image_embed(self, pooled, tokens, memory, first=None) -> torch.Tensor:
         mode = self.cfg.poolers.contrastive
-        if mode != "none":  # cascade reads the generative pooler's outputs, parallel the encoder tokens
+        if mode == "first":
+            pooled = first
+        elif mode != "none":  # cascade reads the generative pooler's outputs, parallel the encoder tokens
             pooled = self.con_pool(memory if mode == "cascade" and self.gen_pool is not None else tokens)[:, 0]
         return F.normalize(self.image_proj(pooled), dim=-1)
 
@@ -82,8 +99,8 @@ class ImageTextModel(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         pooled, tokens = self.visual(images)
-        memory = self.image_memory(tokens) if self.cfg.poolers.contrastive == "cascade" else tokens
-        return self._image_embed(pooled, tokens, memory)
+        memory, first = self._pool(tokens) if self.cfg.poolers.contrastive in ("cascade", "first") else (tokens, None)
+        return self._image_embed(pooled, tokens, memory, first)
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
         return self._text_embed(text)
@@ -92,14 +109,14 @@ class ImageTextModel(nn.Module):
     def forward(self, batch: dict, needs: set[str]) -> dict:
         """Computes only the outputs in `needs`, each once (CoCa: one pass gives embeddings and logits)."""
         out = {}
-        memory = None
+        memory = first = None
         if self.visual is not None and needs & {"image_embed", "image_tokens", "caption_logits"}:
             pooled, tokens = self.visual(batch["image"])
             out["image_tokens"] = tokens
-            if self.decoder is not None or self.cfg.poolers.contrastive == "cascade":
-                memory = self.image_memory(tokens)
+            if self.decoder is not None or self.cfg.poolers.contrastive in ("cascade", "first"):
+                memory, first = self._pool(tokens)
             if "image_embed" in needs:
-                out["image_embed"] = self._image_embed(pooled, tokens, memory)
+                out["image_embed"] = self._image_embed(pooled, tokens, memory, first)
         if "caption_logits" in needs:
             logits, cls = self.decoder(batch["text"], None if self.decoder.blind else memory, batch.get("parallel"))
             out["caption_logits"] = logits

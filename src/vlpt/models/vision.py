@@ -24,9 +24,10 @@ def conv_stem(patch_size: int, width: int) -> nn.Sequential:
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, raw_tokens: bool = False):
+        """raw_tokens: no final LN, and the tokens include the [CLS] (open_clip's CoCa pools these)."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.raw_tokens = cfg, raw_tokens
         w = cfg.width
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1) * 255, persistent=False)
@@ -36,7 +37,7 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, n + (cfg.pool == "cls"), w) * 0.02)
         self.ln_pre = nn.LayerNorm(w)
         self.transformer = Transformer(w, cfg.depth, cfg.heads, cfg.mlp_ratio)
-        self.ln_post = nn.LayerNorm(w)
+        self.ln_post = nn.Identity() if raw_tokens else nn.LayerNorm(w)
         self.map_pool = AttentionPool(w, cfg.heads) if cfg.pool == "map" else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,6 +49,8 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x + self.pos_embed))
         x = self.ln_post(x)
         pool = self.cfg.pool
+        if self.raw_tokens:
+            return x[:, 0], x
         if pool == "cls":
             return x[:, 0], x[:, 1:]
         if pool == "gap":
