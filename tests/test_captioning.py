@@ -251,3 +251,14 @@ def test_vlpt_load_api_and_caption_command(tmp_path, capsys):
     assert cli_main(["caption", str(tmp_path / "run"), str(tmp_path / "blue.png"), "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(str(tmp_path / "blue.png") + "\t")
     assert cli_main(["caption", str(tmp_path / "run"), str(tmp_path / "missing.png")]) == 2
+
+
+def test_zero_cross_starts_as_a_blind_decoder_and_still_learns_to_look():
+    module = make(["model.decoder.zero_cross=true"], captioning_only=True).train()
+    model, text = module.model, texts([4, 6])
+    one = model({"image": images(2, seed=1), "text": text}, module.needs)["caption_logits"]
+    two = model({"image": images(2, seed=2), "text": text}, module.needs)["caption_logits"]
+    assert torch.equal(one, two)  # the image has no path to the logits yet
+    loss, _ = module({"image": images(2), "text": text})
+    loss.backward()
+    assert model.decoder.multimodal[0].cross.proj.weight.grad.abs().sum() > 0  # but the gate opens with training

@@ -49,6 +49,7 @@ class DecoderConfig:
     depth: int = 2  # multimodal layers: causal self-attention, cross-attention to the image, MLP
     unimodal_depth: int = 0  # CoCa: text-only layers first; their [CLS] output is the text embedding
     blind: bool = False  # no image input at all: a text-only language model (the Cap paper's blind baseline)
+    zero_cross: bool = False  # zero-initialise cross-attention outputs: start as the blind decoder (Flamingo-style)
     # open_clip: open_clip's CoCa layout (for imported weights): each multimodal layer is two residual blocks
     # (self-attention + MLP, then cross-attention + MLP with a LayerNorm on the image tokens); the [CLS]
     # follows all L text tokens (L+1 positions) under open_clip's shifted padding mask (see decoder.py)

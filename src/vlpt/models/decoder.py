@@ -119,6 +119,11 @@ class CaptionDecoder(nn.Module):
         block = lambda mem: DecoderBlock(w, text.heads, text.mlp_ratio, mem, split)  # noqa: E731
         self.unimodal = nn.ModuleList(block(None) for _ in range(cfg.unimodal_depth))
         self.multimodal = nn.ModuleList(block(None if cfg.blind else memory_width) for _ in range(cfg.depth))
+        if cfg.zero_cross:  # the image enters only as its weights grow, so early noise cannot slow the language model
+            for blk in self.multimodal:
+                if blk.cross is not None:
+                    nn.init.zeros_(blk.cross.proj.weight)
+                    nn.init.zeros_(blk.cross.proj.bias)
         if cfg.unimodal_depth:  # CoCa's [CLS], appended after the text; its unimodal output is the text embedding
             self.cls_token = nn.Parameter(torch.randn(1, 1, w) * 0.01)
             self.ln_cls = nn.LayerNorm(w)
