@@ -21,8 +21,10 @@ EVAL_EXAMPLES = """examples:
   vlpt eval runs/demo --task zeroshot:scenes:shape --json
   vlpt eval runs/f8k --task retrieval:flickr8k:../shared/data/flickr8k:test
   vlpt eval runs/f8k --task zeroshot:folder:../shared/data/cifar10/test
+  vlpt eval runs/coca --task captioning:flickr8k:test --captions-out captions.json
 
-tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA (DATA as in `vlpt data --help`)."""
+tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA, captioning:DATA,
+zeroshot_captioner:DATA, caption_loss:DATA (DATA as in `vlpt data --help`)."""
 
 CAPTION_EXAMPLES = """examples:
   vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, at most 30 tokens
