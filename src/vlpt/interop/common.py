@@ -45,12 +45,9 @@ def remap(src: dict[str, torch.Tensor], entries: list[Entry], dest_shapes: dict[
             raise MappingError(f"{'+'.join(e.src)} has shape {tuple(t.shape)}; {e.dest} needs {tuple(dest_shapes[e.dest])}")
         out[e.dest] = t.reshape(dest_shapes[e.dest]).detach().clone().float()
         used.update(e.src)
-    left = sorted(k for k in src if k not in used and not any(k.endswith(i) for i in ignore))
-    if left:
-        raise MappingError(f"{len(left)} source tensor(s) have no counterpart in this architecture: {_few(left)}")
-    unmade = sorted(set(dest_shapes) - set(out))
-    if unmade:
-        raise MappingError(f"nothing in the source for {_few(unmade)}")
+    left = [k for k in src if k not in used and not any(k.endswith(i) for i in ignore)]
+    _complete(left, set(dest_shapes) - set(out), "source tensor(s) have no counterpart in this architecture",
+              "nothing in the source for")
     return out
 
 
@@ -61,13 +58,17 @@ def unmap(state: dict[str, torch.Tensor], entries: list[Entry], their_shapes: di
         t = state[e.dest].T if e.transpose else state[e.dest]
         for name, part in zip(e.src, t.chunk(len(e.src), 0)):
             out[name] = part.reshape(their_shapes[name]).detach().clone().float()
-    left = sorted(set(state) - {e.dest for e in entries})
-    if left:
-        raise MappingError(f"{len(left)} vlpt tensor(s) have no counterpart in the other format: {_few(left)}")
-    unmade = sorted(set(their_shapes) - set(out))
-    if unmade:
-        raise MappingError(f"nothing in the vlpt model for {_few(unmade)}")
+    _complete(set(state) - {e.dest for e in entries}, set(their_shapes) - set(out),
+              "vlpt tensor(s) have no counterpart in the other format", "nothing in the vlpt model for")
     return out
+
+
+def _complete(left, unmade, left_msg: str, unmade_msg: str) -> None:
+    """A mapping is exact: no tensor left over on one side, none missing on the other."""
+    if left:
+        raise MappingError(f"{len(left)} {left_msg}: {_few(sorted(left))}")
+    if unmade:
+        raise MappingError(f"{unmade_msg} {_few(sorted(unmade))}")
 
 
 def block_entries(dest: str, src: str, names: dict[str, str | tuple[str, ...]]) -> list[Entry]:
@@ -101,7 +102,11 @@ def clip_config(vision: dict, text: dict, embed_dim: int, objective: str = "cont
     cfg = config_lib.resolve(recipe, {"train": {"steps": 1}})
     model = config_lib.ModelConfig(preset="imported", vision=config_lib.VisionConfig(**vision),
                                    text=config_lib.TextConfig(**text), embed_dim=embed_dim)
-    cfg = dataclasses.replace(cfg, model=model)
+    return validated(dataclasses.replace(cfg, model=model))
+
+
+def validated(cfg: config_lib.Config) -> config_lib.Config:
+    """`cfg` if vlpt can build it; otherwise a MappingError saying why the imported shapes do not fit."""
     try:
         config_lib.validate(cfg)
     except config_lib.ConfigError as err:

@@ -37,7 +37,7 @@ import torch
 from vlpt import config as config_lib
 from vlpt.interop.common import (
     Entry, Imported, MappingError, attach_tokenizer, block_entries, build_module, clip_config, grow_vocab, remap,
-    special_ids, vlpt_tokenizer,
+    special_ids, validated, vlpt_tokenizer,
 )
 from vlpt.models.vision import MEAN, STD
 from vlpt.train.pretrainer import build
@@ -294,12 +294,7 @@ def coca_config(sd: dict, config: dict, objective: str, vision_heads: int | None
         preset="imported", vision=config_lib.VisionConfig(**vision), text=config_lib.TextConfig(**text), embed_dim=embed_dim,
         decoder=config_lib.DecoderConfig(depth=depth, unimodal_depth=text["depth"], style="open_clip"),
         poolers=config_lib.PoolerConfig(generative_queries=queries, contrastive="first", heads=pool_heads, style="open_clip"))
-    cfg = dataclasses.replace(recipe, model=model)
-    try:
-        config_lib.validate(cfg)
-    except config_lib.ConfigError as err:
-        raise MappingError(f"the imported shapes do not make a valid vlpt model: {err}") from None
-    return cfg
+    return validated(dataclasses.replace(recipe, model=model))
 
 
 def import_coca(sd: dict, config: dict, tokenizer: str | Path | None, vision_heads: int | None,
