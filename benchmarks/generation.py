@@ -63,6 +63,7 @@ def vlpt_worker(args) -> dict:
 
     from vlpt import config
     from vlpt.models.captioner import generate
+    from vlpt.data.tokenizer import Vocab
     from vlpt.models.model import ImageTextModel
 
     torch.manual_seed(SEED)
@@ -71,7 +72,7 @@ def vlpt_worker(args) -> dict:
         "model.poolers.generative_queries=256", "model.poolers.contrastive=cascade",
     ])
     needs = frozenset({"image_embed", "text_embed", "caption_logits"})
-    model = ImageTextModel(cfg.model, VOCAB, eot_id=2, needs=needs, pad_id=0, mask_id=3, sot_id=1).eval()
+    model = ImageTextModel(cfg.model, Vocab(VOCAB, pad=0, sot=1, eot=2, mask=3), needs).eval()
     torch.nn.init.normal_(model.decoder.head.weight, std=cfg.model.text.width**-0.5)  # see the module doc
     images = torch.load(args.images_file)
 

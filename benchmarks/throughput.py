@@ -1,7 +1,8 @@
 """Training throughput of a recipe on a model preset: samples/s, peak memory, and model FLOPs utilisation.
 
-One step = forward, the recipe's losses, backward, AdamW step, on a fixed random batch (no data loading),
-as ../shared/peers/open_clip/bench.py does for open_clip, so the two can be run A/B on the same shapes.
+One step = `vlpt.train.step.train_step` (forward, the recipe's losses, backward, clipping, AdamW step, the
+objectives' hooks) on a fixed random batch (no data loading), as ../shared/peers/open_clip/bench.py does for
+open_clip, so the two can be run A/B on the same shapes.
 MFU = (FLOPs of one step, counted by torch.utils.flop_counter) / step time / the machine's matmul peak,
 measured here with a large matmul in the training dtype (not a datasheet number).
 
@@ -19,11 +20,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vlpt import config
-from vlpt.models.model import ImageTextModel
-from vlpt.objectives import OBJECTIVES
-from vlpt.train.loop import autocast_dtype
+from vlpt.data.tokenizer import Vocab
 from vlpt.train.optim import build_optimizer
-from vlpt.train.pretrainer import Pretrainer
+from vlpt.train.pretrainer import build
+from vlpt.train.step import StepParts, autocast_dtype, train_step
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
@@ -60,13 +60,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     cfg = config.resolve(args.recipe, [f"model={args.preset}", "train.steps=1", f"train.precision={args.precision}"])
-    model = ImageTextModel(cfg.model, args.vocab, eot_id=2)
-    model.set_grad_checkpointing(args.grad_ckpt)
-    module = Pretrainer(model, {n: OBJECTIVES[n](o.options) for n, o in cfg.objectives.items()},
-                        {n: o.weight for n, o in cfg.objectives.items()}).to(device)
+    module = build(cfg, Vocab(args.vocab))
+    module.model.set_grad_checkpointing(args.grad_ckpt)
+    module.to(device)
     optimizer = build_optimizer(module, cfg.train)
-    run = torch.compile(module) if args.compile else module
     amp = autocast_dtype(args.precision, device)
+    parts = StepParts(module, optimizer, run=torch.compile(module) if args.compile else None, amp=amp,
+                      grad_clip=cfg.train.grad_clip)
 
     s = cfg.model.vision.image_size
     L = cfg.model.text.context_length
@@ -75,12 +75,7 @@ def main() -> None:
     batch = {"image": torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device), "text": text}
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            loss, _ = run(batch)
-        loss.backward()
-        optimizer.step()
-        return loss
+        return train_step(parts, batch, 1, 1).loss
 
     with FlopCounterMode(display=False) as counter:
         step()

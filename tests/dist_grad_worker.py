@@ -5,6 +5,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vlpt import config
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
 from vlpt.objectives import OBJECTIVES
 from vlpt.train import distributed
@@ -16,7 +17,7 @@ GLOBAL_BATCH, VOCAB, EOT = 8, 64, 2
 def make(objective: str, options: dict) -> Pretrainer:
     torch.manual_seed(0)
     cfg = config.resolve("clip", ["model=micro", "train.steps=1"])
-    model = ImageTextModel(cfg.model, VOCAB, EOT)
+    model = ImageTextModel(cfg.model, Vocab(VOCAB, eot=EOT))
     return Pretrainer(model, {objective: OBJECTIVES[objective](options)}, {objective: 1.0})
 
 

@@ -45,7 +45,7 @@ def test_torchrun_training_matches_one_process(tmp_path):
     from vlpt.train import checkpoint
 
     args = ["clip", "model=micro", "train.steps=4", "train.batch_size=32", "train.warmup_steps=1",
-            "data.crop_scale=[1,1]", "train.precision=fp32", "eval.tasks=[]", "--quiet"]
+            "views.image.crop_scale=[1,1]", "train.precision=fp32", "eval.tasks=[]", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlpt", "train", *args,

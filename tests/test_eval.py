@@ -12,7 +12,8 @@ from PIL import Image
 from vlpt.data import sources
 from vlpt.data.dataset import ImageTextSet
 from vlpt.eval import retrieval as retrieval_mod
-from vlpt.eval import tasks
+from vlpt.eval import data as eval_data
+from vlpt.eval import registry as tasks
 from vlpt.eval.probes import linear_probe
 from vlpt.eval.retrieval import recall_at_k, retrieval
 from vlpt.eval.templates import IMAGENET_TEMPLATES, SIMPLE_TEMPLATES, get_templates
@@ -208,6 +209,7 @@ def test_linear_probe_separable_and_random():
 
 class FakeModel:
     image_size = 8
+    abilities = frozenset({"image_embed", "text_embed", "image_features"})
 
     def encode_images(self, images):
         return fake_encode_images(images)
@@ -245,9 +247,9 @@ def fake_sources(monkeypatch):
         return sets[spec]
 
     monkeypatch.setattr(sources, "open_source", open_source)
-    tasks.clear_cache()
+    eval_data.clear_cache()
     yield calls
-    tasks.clear_cache()
+    eval_data.clear_cache()
 
 
 def test_run_suite_on_fake_model(fake_sources):
@@ -291,8 +293,7 @@ class FakeCaptioner:
     """A captioner that sees the colour of a flat image (or, blind, sees nothing)."""
 
     image_size = 8
-    has_text_embed = False
-    has_decoder = True
+    abilities = frozenset({"caption"})
 
     def __init__(self, blind: bool = False):
         self.blind = blind
@@ -354,7 +355,7 @@ def test_caption_loss_task(fake_sources):
 
 
 def test_tasks_check_model_abilities(fake_sources):
-    with pytest.raises(ValueError, match="needs a text decoder"):
+    with pytest.raises(ValueError, match="needs a caption decoder"):
         tasks.run_suite(["zeroshot:toy:cls", "captioning:toy:cls"], FakeModel(), progress=False)
     with pytest.raises(ValueError, match="needs a text embedding"):
         tasks.run_suite(["caption_loss:toy:cls", "retrieval:toy:cls"], FakeCaptioner(), progress=False)
@@ -372,16 +373,17 @@ def test_auto_suite_follows_model_abilities():
     assert resolve_tasks(["auto"], "flickr8k:/data/f8k:train") == ["retrieval:flickr8k:/data/f8k:test"]
     assert resolve_tasks(["auto"], "cifar10:train") == ["zeroshot:cifar10:test"]  # was cifar10:train (a bug)
     assert resolve_tasks(["auto"], "folder:/d:train") == ["zeroshot:folder:/d:test"]
-    assert resolve_tasks(["auto"], "folder:/d:train", has_text_embed=False, has_decoder=True) == [
+    captioner, coca = frozenset({"caption"}), frozenset({"image_embed", "text_embed", "caption"})
+    assert resolve_tasks(["auto"], "folder:/d:train", captioner) == [
         "zeroshot_captioner:folder:/d:test"]
     assert resolve_tasks(["auto"], "csv:/x.csv") == []
     # a captioner (no text embedding)
-    assert resolve_tasks(["auto"], "scenes", has_text_embed=False, has_decoder=True) == SCENES_CAPTIONER_SUITE
+    assert resolve_tasks(["auto"], "scenes", captioner) == SCENES_CAPTIONER_SUITE
     assert SCENES_CAPTIONER_SUITE[0] == "zeroshot_captioner:scenes:colour_shape"
-    assert resolve_tasks(["auto"], "flickr8k:train", has_text_embed=False, has_decoder=True) == [
+    assert resolve_tasks(["auto"], "flickr8k:train", captioner) == [
         "captioning:flickr8k:test", "caption_loss:flickr8k:test"]
     # CoCa: both
-    assert resolve_tasks(["auto"], "flickr8k:/d:train", has_decoder=True) == [
+    assert resolve_tasks(["auto"], "flickr8k:/d:train", coca) == [
         "retrieval:flickr8k:/d:test", "captioning:flickr8k:/d:test", "caption_loss:flickr8k:/d:test"]
-    assert resolve_tasks(["auto"], "scenes", has_decoder=True) == SCENES_SUITE + SCENES_CAPTIONER_SUITE
-    assert all(t.partition(":")[0] in tasks.KINDS for t in SCENES_SUITE + SCENES_CAPTIONER_SUITE)
+    assert resolve_tasks(["auto"], "scenes", coca) == SCENES_SUITE + SCENES_CAPTIONER_SUITE
+    assert all(t.partition(":")[0] in tasks.kinds() for t in SCENES_SUITE + SCENES_CAPTIONER_SUITE)

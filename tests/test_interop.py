@@ -40,7 +40,7 @@ def perturbed(module):
 def make_run(path, *overrides):
     cfg = config.resolve("clip", ["model=micro", "train.steps=1", *overrides])
     tok = TextTokenizer.train(CAPTIONS * 5, 300, cfg.model.text.context_length)
-    save_run(Imported(cfg, tok, perturbed(build(cfg, tok))), path)
+    save_run(Imported(cfg, tok, perturbed(build(cfg, tok.vocab))), path)
     return path
 
 

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from vlpt import config
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
 
 EOT = 2
@@ -11,7 +12,7 @@ EOT = 2
 def micro(**over):
     cfg = config.resolve("clip", ["model=micro", "train.steps=1"] + [f"{k}={v}" for k, v in over.items()])
     torch.manual_seed(0)
-    return ImageTextModel(cfg.model, vocab_size=50, eot_id=EOT)
+    return ImageTextModel(cfg.model, Vocab(50, eot=EOT))
 
 
 def images(b=4):

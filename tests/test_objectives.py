@@ -37,6 +37,7 @@ def test_clip_temperature_init_and_clamp():
     assert obj.log_scale.item() == pytest.approx(math.log(1 / 0.07))
     with torch.no_grad():
         obj.log_scale.fill_(10.0)
+    obj.after_step(1, 10)  # the clamp acts on the parameter after the optimiser step
     assert obj.scale().item() == pytest.approx(100.0)
 
 

@@ -21,6 +21,9 @@ from vlpt.data.sources import load_captions_table, load_coco
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.data.webdataset_io import write_shards
 from vlpt.train import checkpoint, loop
+from vlpt.train.data import load_training_data, tokenize
+from vlpt.train.guards import TrainingStopped
+from vlpt.train.resume import resume_checkpoint
 from vlpt.train.pretrainer import Pretrainer
 
 COLOURS = ["red", "green", "blue", "yellow"]
@@ -195,18 +198,18 @@ def test_fp16_resume_restores_the_grad_scaler(data, tmp_path):
 def test_resume_decision(tmp_path, monkeypatch, capsys):
     ckpts = tmp_path / "run" / "checkpoints"
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    assert loop.resume_checkpoint(ckpts, resume=False) is None  # a new run
-    assert loop.resume_checkpoint(ckpts, resume=True) is None  # --resume with nothing to resume: fresh start
+    assert resume_checkpoint(ckpts, resume=False) is None  # a new run
+    assert resume_checkpoint(ckpts, resume=True) is None  # --resume with nothing to resume: fresh start
     assert "no usable checkpoint" in capsys.readouterr().err
     saved = checkpoint.save(ckpts, 3, {"w": torch.zeros(2)}, {}, {"step": 3}, keep=2)
     with pytest.raises(config.ConfigError, match="already holds a run; continue it with --resume"):
-        loop.resume_checkpoint(ckpts, resume=False)
-    assert loop.resume_checkpoint(ckpts, resume=True) == saved
+        resume_checkpoint(ckpts, resume=False)
+    assert resume_checkpoint(ckpts, resume=True) == saved
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's first attempt
     with pytest.raises(config.ConfigError):
-        loop.resume_checkpoint(ckpts, resume=False)
+        resume_checkpoint(ckpts, resume=False)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")  # a restart after a failure resumes by itself
-    assert loop.resume_checkpoint(ckpts, resume=False) == saved
+    assert resume_checkpoint(ckpts, resume=False) == saved
     assert f"torchrun restart 2: resuming from {saved}" in capsys.readouterr().err
 
 
@@ -236,7 +239,7 @@ def test_nonfinite_streak_stops_with_the_checkpoint_from_before_it(data, tmp_pat
     poison(monkeypatch, range(5, 100))  # steps 6, 7, 8, ... are non-finite
     cfg = config.resolve("clip", args(data, "train.steps=12", "checkpoint.every_steps=2", "checkpoint.keep=5",
                                       "train.max_nonfinite_steps=3"))
-    with pytest.raises(loop.TrainingStopped, match=r"3 non-finite losses or gradients in a row \(steps 6 to 8; "
+    with pytest.raises(TrainingStopped, match=r"3 non-finite losses or gradients in a row \(steps 6 to 8; "
                                                    r"train.max_nonfinite_steps=3\).*from before step 6: .*step-00000004"):
         loop.train(cfg, tmp_path, progress=False)
     assert steps_of(tmp_path) == [2, 4]  # nothing saved at step 6, inside the streak
@@ -285,7 +288,7 @@ def test_image_modes_become_rgb():
 def test_tokenize_counts_cut_captions():
     captions = ["a b c", " ".join(["word"] * 40), "x y", "q " * 5]
     tok = TextTokenizer.train(captions, 100, 8)
-    tokens, cut = loop.tokenize(tok, captions)
+    tokens, cut = tokenize(tok, captions)
     assert torch.equal(tokens, tok(captions))
     lengths = [len(tok.tok.encode(c, add_special_tokens=False).ids) for c in captions]
     assert cut == sum(n > 8 - 2 for n in lengths) and 0 < cut < len(captions), lengths  # room for <sot>, <eot>
@@ -355,7 +358,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, cache):
 def test_weighted_mixture_with_bad_images_trains(data, tmp_path):
     odd = odd_table(tmp_path / "odd")
     cfg = config.resolve("clip", args(data, f"data=csv:{odd}@1 + csv:{data}@3", "train.steps=2", "data.max_bad_fraction=0.5"))
-    _, images, weights, bad = loop.load_training_data(cfg, progress=False)
+    _, images, weights, bad = load_training_data(cfg, progress=False)
     assert len(bad) == 3 and images.shape[0] == 27 + 16 and weights.shape == (27 + 16,)
     assert weights[:27].sum() / weights.sum() == pytest.approx(27 / 30 * 1 / (27 / 30 * 1 + 3))  # 3 of odd's 30 gone
     loop.train(cfg, tmp_path / "run", progress=False)

@@ -7,6 +7,7 @@ import torch
 from vlpt import config
 from vlpt.data.dataset import ImageTextSet
 from vlpt.data.loader import StepBatches
+from vlpt.data.tokenizer import Vocab
 from vlpt.data.views import random_resized_crop
 from vlpt.objectives import OBJECTIVES
 from vlpt.models.model import ImageTextModel
@@ -32,7 +33,7 @@ def test_warmup_then_cosine():
 
 def test_no_weight_decay_on_biases_norms_and_temperature():
     cfg = config.resolve("clip", ["model=micro", "train.steps=1"])
-    module = Pretrainer(ImageTextModel(cfg.model, 50, 2), {"contrastive": OBJECTIVES["contrastive"]()}, {"contrastive": 1.0})
+    module = Pretrainer(ImageTextModel(cfg.model, Vocab(50)), {"contrastive": OBJECTIVES["contrastive"]()}, {"contrastive": 1.0})
     decay, no_decay = param_groups(module, 0.1)
     names = {id(p): n for n, p in module.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}

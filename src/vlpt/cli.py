@@ -24,7 +24,8 @@ EVAL_EXAMPLES = """examples:
   vlpt eval runs/coca --task captioning:flickr8k:test --captions-out captions.json
 
 tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA, captioning:DATA,
-zeroshot_captioner:DATA, caption_loss:DATA (DATA as in `vlpt data --help`)."""
+zeroshot_captioner:DATA, caption_loss:DATA (DATA as in `vlpt data --help`), or an evaluator of your own
+by import path: my_pkg.evals:MyEvaluator:DATA (see docs/guide.md, "Writing an evaluator")."""
 
 CAPTION_EXAMPLES = """examples:
   vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, at most 30 tokens
@@ -61,9 +62,13 @@ def _train(args) -> int:
     from vlpt import config as config_lib
     from vlpt.data.sources import BadDataError
     from vlpt.train import loop
+    from vlpt.train.evaluation import EvaluationFailed
+    from vlpt.train.guards import TrainingStopped
+    from vlpt.train.resume import elastic_restart
+    from vlpt.train.signals import Interrupted
 
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
-    resume = args.resume or loop.elastic_restart() > 0  # a torchrun restart continues the run it replaces
+    resume = args.resume or elastic_restart() > 0  # a torchrun restart continues the run it replaces
     if resume and (out / "config.yaml").exists():
         saved = yaml.safe_load((out / "config.yaml").read_text())
         cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
@@ -71,10 +76,10 @@ def _train(args) -> int:
         cfg = config_lib.resolve(args.recipe, args.overrides)
     try:
         results = loop.train(cfg, out, resume=resume, progress=not args.quiet)
-    except loop.Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
+    except Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
         print(f"vlpt: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (loop.TrainingStopped, BadDataError) as err:
+    except (TrainingStopped, BadDataError, EvaluationFailed) as err:
         print(f"vlpt: error: {err}", file=sys.stderr)
         return 1
     finally:
@@ -88,17 +93,21 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from vlpt.eval.defaults import resolve_tasks
-    from vlpt.eval.tasks import run_suite, write_samples
+    from vlpt.eval.registry import TaskError, run_suite, write_samples
     from vlpt.inference import Model, load_pretrainer
 
     cfg, tokenizer, module, ckpt = load_pretrainer(args.checkpoint)
     model = Model(module.model, tokenizer)
-    tasks = args.task or resolve_tasks(cfg.eval.tasks, cfg.data.source, model.has_text_embed, model.has_decoder)
+    tasks = args.task or resolve_tasks([t.task for t in cfg.eval.tasks], cfg.data.source, model.abilities)
     if not tasks:
         raise SystemExit(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; give --task")
     samples: dict = {}
-    results = run_suite(tasks, model, templates=args.templates or cfg.eval.templates, progress=not args.json,
-                        samples=samples)
+    try:
+        results = run_suite(tasks, model, templates=args.templates or cfg.eval.templates, progress=not args.json,
+                            samples=samples)
+    except TaskError as err:
+        print(f"vlpt: error: {err}", file=sys.stderr)
+        return 2
     if samples and args.captions_out:
         write_samples(samples, args.captions_out)
     if args.json:

@@ -1,13 +1,14 @@
 """Typed configs: a recipe YAML, then a model preset, then `a.b=c` overrides, checked before any work."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -69,6 +70,18 @@ class PoolerConfig:
     style: str = "vlpt"  # vlpt | open_clip
 
 
+TOWERS = ("vision", "text", "decoder")
+
+
+@dataclass
+class TowerInitConfig:
+    """Weights a tower starts from: a vlpt run folder, checkpoint folder or safetensors file (None: random)."""
+
+    vision: str | None = None
+    text: str | None = None
+    decoder: str | None = None
+
+
 @dataclass
 class ModelConfig:
     preset: str = "tiny"
@@ -78,6 +91,8 @@ class ModelConfig:
     poolers: PoolerConfig = field(default_factory=PoolerConfig)
     embed_dim: int = 256
     grad_checkpointing: bool = False
+    init: TowerInitConfig = field(default_factory=TowerInitConfig)
+    lock: list[str] = field(default_factory=list)  # towers without gradients or optimiser state (LiT): vision, text, decoder
 
 
 @dataclass
@@ -90,9 +105,46 @@ class TokenizerConfig:
 class DataConfig:
     source: str = "scenes"  # see `vlpt data --help` for the spec grammar
     max_bad_fraction: float = 0.01  # unreadable images / empty captions / bad rows, samples, shards: above it, stop
-    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop; [1, 1] = off
     cache_images: bool = True  # decode every image once into memory (else decode per batch in workers)
     num_workers: int = 0
+
+
+@dataclass
+class ImageViewConfig:
+    """One augmentation pipeline, run batched on the training device (data/views.py)."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop; [1, 1] = off
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
+    flip: float = 0.0  # probability of a horizontal flip
+
+
+@dataclass
+class ImageViewsConfig(ImageViewConfig):
+    count: int = 0  # extra views per image: batch["image_views"] [count, B, 3, H, W]
+
+
+@dataclass
+class TextViewConfig:
+    """One text augmentation pipeline, run on each caption's words in the loader (data/views.py)."""
+
+    random_swap: float = 0.0  # EDA: swap two random words, max(1, p * words) times (0 = off)
+    random_deletion: float = 0.0  # EDA: delete each word with this probability (one word always stays)
+
+
+@dataclass
+class TextViewsConfig(TextViewConfig):
+    count: int = 0  # extra views per caption: batch["text_views"] [count, B, L]
+
+
+@dataclass
+class ViewsConfig:
+    """What objectives see: batch["image"] and batch["text"] through `image` and `text`, and `count` extra
+    views of each in batch["image_views"] / batch["text_views"]. Pure functions of (seed, step, rank)."""
+
+    image: ImageViewConfig = field(default_factory=ImageViewConfig)
+    text: TextViewConfig = field(default_factory=TextViewConfig)
+    image_views: ImageViewsConfig = field(default_factory=ImageViewsConfig)
+    text_views: TextViewsConfig = field(default_factory=TextViewsConfig)
 
 
 @dataclass
@@ -131,9 +183,18 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """One evaluation task; a plain string in YAML or on the command line is `task`."""
+
+    SHORTHAND: ClassVar[str] = "task"
+    task: str = "auto"  # "KIND:DATA" (see `vlpt eval --help`), "module.path:Class:DATA", or "auto"
+    every_steps: int | None = None  # during training; None = eval.every_steps, 0 = only at the end
+
+
+@dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=lambda: ["auto"])  # "auto" = the suite that fits the data
-    every_steps: int = 0
+    tasks: list[EvalTaskConfig] = field(default_factory=lambda: [EvalTaskConfig("auto")])  # auto: fits the data
+    every_steps: int = 0  # default period of every task during training (0 = only at the end)
     templates: str = "imagenet80"
 
 
@@ -143,6 +204,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    views: ViewsConfig = field(default_factory=ViewsConfig)
     objectives: dict[str, ObjectiveConfig] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -151,6 +213,8 @@ class Config:
 
 SHORTHANDS = {"data": "data.source", "model": "model.preset"}
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.samples")
+# keys that moved: saved configs of older runs are read with the new key; a user's override is told of it
+RENAMED = {("data", "crop_scale"): ("views", "image", "crop_scale")}
 
 
 def available_recipes() -> list[str]:
@@ -210,10 +274,20 @@ def _valid_keys(cls, prefix="") -> list[str]:
     return keys
 
 
-def _unknown(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, _valid_keys(Config), n=1, cutoff=0.5)
+def _unknown(key: str, candidates: list[str] | None = None) -> ConfigError:
+    near = difflib.get_close_matches(key, candidates or _valid_keys(Config), n=1, cutoff=0.5)
     hint = f"; did you mean '{near[0]}'?" if near else ""
     return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def build_section(cls, raw: dict, prefix: str):
+    """A dataclass that is not part of Config (an objective's Options) from a mapping, checked like the
+    config: an unknown key names the nearest key of this dataclass, a wrong type names the key."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise _unknown(prefix + k, [prefix + v for v in _valid_keys(cls)] or [prefix])
+    return _build(cls, raw, prefix)
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -224,6 +298,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         return _coerce(value, next(a for a in args if a is not type(None)), key)
     if dataclasses.is_dataclass(tp):
+        shorthand = getattr(tp, "SHORTHAND", None)
+        if shorthand and isinstance(value, str):  # `- zeroshot:scenes:colour` = `- {task: zeroshot:scenes:colour}`
+            value = {shorthand: value}
         if not isinstance(value, dict):
             raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
         return _build(tp, value, key + ".")
@@ -283,6 +360,24 @@ def _objectives(raw: dict) -> dict:
     return out
 
 
+def _migrate(raw: dict, saved: bool) -> None:
+    """Moves renamed keys to their new place in a saved config (an older run folder); in a user's recipe
+    or overrides, names the new key instead."""
+    for old, new in RENAMED.items():
+        node = raw
+        for k in old[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old[-1] not in node:
+            continue
+        if not saved:
+            raise ConfigError(f"'{'.'.join(old)}' is now '{'.'.join(new)}'; rename it")
+        value = node.pop(old[-1])
+        target = raw
+        for k in new[:-1]:
+            target = target.setdefault(k, {})
+        target.setdefault(new[-1], value)
+
+
 def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
     """Recipe YAML <- model preset <- overrides, then validated."""
     from vlpt.models.presets import PRESETS  # models import config; keep the import one-way at load time
@@ -297,6 +392,7 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
             if isinstance(d.get(section), str):
                 d[section] = {key: d[section]}
     raw = deep_merge(raw, top)
+    _migrate(raw, saved=False)
     model = raw.get("model", {})
     preset = model.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
@@ -310,9 +406,20 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    from vlpt.objectives import OBJECTIVES
+def objective_needs(cfg: Config) -> dict[str, frozenset[str]]:
+    """What each objective of the recipe reads from the model; unknown objectives and options are errors."""
+    from vlpt.objectives import objective_class
 
+    if not cfg.objectives:
+        raise ConfigError("the recipe has no objectives; add e.g. objectives.contrastive.weight=1")
+    needs = {}
+    for name, o in cfg.objectives.items():
+        cls = objective_class(name)
+        needs[name] = cls.needs_for(cls.parse_options(o.options, f"objectives.{name}"))
+    return needs
+
+
+def validate(cfg: Config) -> None:
     v, t = cfg.model.vision, cfg.model.text
     if v.image_size % v.patch_size:
         raise ConfigError(
@@ -331,15 +438,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size, got {v.patch_size}")
     if v.pool not in ("cls", "gap", "max", "map"):
         raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
-    if not cfg.objectives:
-        raise ConfigError("the recipe has no objectives; add e.g. objectives.contrastive.weight=1")
-    for name in cfg.objectives:
-        if name not in OBJECTIVES:
-            near = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
-            hint = f"; did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"unknown objective 'objectives.{name}'{hint} Objectives: {', '.join(OBJECTIVES)}")
-        OBJECTIVES[name].check_options(cfg.objectives[name].options, f"objectives.{name}")
-    _validate_towers(cfg, {name: OBJECTIVES[name].needs for name in cfg.objectives})
+    needs = objective_needs(cfg)
+    _validate_towers(cfg, needs)
+    _validate_views(cfg, needs)
+    _validate_init_and_lock(cfg, needs)
     tr = cfg.train
     budgets = [k for k in ("steps", "epochs", "samples") if getattr(tr, k) is not None]
     if len(budgets) != 1:
@@ -352,12 +454,85 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_nonfinite_steps={tr.max_nonfinite_steps} must be at least 1 (default 20)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be between 0 and 1 (default 0.01)")
-    if len(cfg.data.crop_scale) != 2 or not 0 < cfg.data.crop_scale[0] <= cfg.data.crop_scale[1] <= 1:
-        raise ConfigError(f"data.crop_scale={cfg.data.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    _validate_eval(cfg)
+
+
+def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
+    from vlpt.models.model import split_need
+
+    views = cfg.views
+    for key in ("image", "image_views"):
+        view = getattr(views, key)
+        lo, hi = (view.crop_scale + [0, 0])[:2]
+        if len(view.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+            raise ConfigError(f"views.{key}.crop_scale={view.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+        if len(view.crop_ratio) != 2 or not 0 < view.crop_ratio[0] <= view.crop_ratio[1]:
+            raise ConfigError(f"views.{key}.crop_ratio={view.crop_ratio} must be [min, max] with 0 < min <= max")
+        if not 0 <= view.flip <= 1:
+            raise ConfigError(f"views.{key}.flip={view.flip} is a probability: pick a value in [0, 1]")
+    for key in ("text", "text_views"):
+        view = getattr(views, key)
+        for op in ("random_swap", "random_deletion"):
+            if not 0 <= getattr(view, op) <= 1:
+                raise ConfigError(f"views.{key}.{op}={getattr(view, op)} must be in [0, 1]")
+    for key in ("image_views", "text_views"):
+        if getattr(views, key).count < 0:
+            raise ConfigError(f"views.{key}.count must be >= 0")
+    for name, need in needs.items():
+        for n in sorted(need):
+            view = split_need(n)[1]
+            if view in ("image_views", "text_views") and getattr(views, view).count < 1:
+                raise ConfigError(f"objectives.{name} reads {n} but the recipe makes no {view}; "
+                                  f"set e.g. views.{view}.count=2")
+
+
+def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:
+    from vlpt.models.model import towers_of
+
+    towers = towers_of(cfg.model, frozenset().union(*needs.values()))
+    for name in cfg.model.lock:
+        if name not in TOWERS:
+            raise ConfigError(f"model.lock={cfg.model.lock}: unknown tower '{name}'; choose from {', '.join(TOWERS)}")
+        if name not in towers:
+            raise ConfigError(f"model.lock names the {name} tower, which this recipe does not have "
+                              f"(its towers: {', '.join(sorted(towers)) or 'none'})")
+    for name in TOWERS:
+        path = getattr(cfg.model.init, name)
+        if path is None:
+            continue
+        if name not in towers:
+            raise ConfigError(f"model.init.{name} is set, but this recipe has no {name} tower "
+                              f"(its towers: {', '.join(sorted(towers)) or 'none'})")
+        if not Path(path).expanduser().exists():
+            raise ConfigError(f"model.init.{name}={path}: no such run folder or safetensors file")
+
+
+def _validate_eval(cfg: Config) -> None:
+    from vlpt.eval.registry import TaskError, parse_task
+
+    for i, t in enumerate(cfg.eval.tasks):
+        if t.every_steps is not None and t.every_steps < 0:
+            raise ConfigError(f"eval.tasks[{i}].every_steps={t.every_steps} must be >= 0")
+        if t.task != "auto":
+            try:
+                parse_task(t.task)
+            except TaskError as err:
+                raise ConfigError(f"eval.tasks[{i}]: {err}") from None
+    if cfg.eval.every_steps < 0:
+        raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
 
 
 def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
-    """Every objective must have the towers it reads."""
+    """Every objective must read outputs the model has, from towers it has."""
+    from vlpt.models.model import NeedError, split_need
+
+    base = {}
+    for name, need in needs.items():
+        try:
+            base[name] = frozenset(split_need(n)[0] for n in need)
+        except NeedError as err:
+            raise ConfigError(f"objectives.{name}: {err}") from None
+    needs = base  # output names without their views
     d, p = cfg.model.decoder, cfg.model.poolers
     if p.contrastive not in ("cascade", "parallel", "first", "none"):
         raise ConfigError(f"model.poolers.contrastive={p.contrastive!r}: choose cascade, parallel, first or none")
@@ -386,7 +561,7 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "
                           "set e.g. model.decoder.depth=2")
     if d.blind:
-        seeing = [n for n, need in needs.items() if "image_embed" in need or "image_tokens" in need]
+        seeing = [n for n, need in needs.items() if any(x.startswith("image_") for x in need)]
         if seeing:
             raise ConfigError(f"model.decoder.blind=true removes the image tower, but objectives.{seeing[0]} needs it; "
                               f"drop it (objectives.{seeing[0]}=false) or set model.decoder.blind=false")
@@ -397,12 +572,14 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
 def to_dict(cfg: Config) -> dict:
     d = dataclasses.asdict(cfg)
     d["objectives"] = {k: {"weight": o["weight"], **o["options"]} for k, o in d["objectives"].items()}
+    d["eval"]["tasks"] = [t["task"] if t["every_steps"] is None else t for t in d["eval"]["tasks"]]
     return d
 
 
 def from_dict(d: dict) -> Config:
-    """Rebuild a saved (resolved) config without re-applying presets."""
-    d = dict(d)
+    """Rebuild a saved (resolved) config without re-applying presets (older key names are read too)."""
+    d = copy.deepcopy(d)
+    _migrate(d, saved=True)
     d["objectives"] = _objectives(d.get("objectives"))
     cfg = _build(Config, d)
     validate(cfg)

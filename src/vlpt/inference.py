@@ -85,6 +85,11 @@ class Model:
         return self._eval(lambda: self.model.image_features(images.to(self.device)))
 
     @property
+    def abilities(self) -> frozenset[str]:
+        """What evaluators may ask of this model (see vlpt.eval.registry)."""
+        return self.model.abilities
+
+    @property
     def has_text_embed(self) -> bool:
         return self.model.has_text_embed
 
@@ -142,7 +147,7 @@ def load_pretrainer(path: str | Path, device: str = "cpu") -> tuple[config_lib.C
     weights, meta = checkpoint.load_weights(ckpt)
     cfg = config_lib.from_dict(json.loads(meta["config"]))
     tokenizer = TextTokenizer.from_str(meta["tokenizer"], cfg.model.text.context_length)
-    module = build(cfg, tokenizer)
+    module = build(cfg, tokenizer.vocab)
     module.load_state_dict(weights)
     return cfg, tokenizer, module.to(device).eval(), ckpt
 

@@ -6,6 +6,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vlpt.data.dataset import ImageTextSet, to_uint8
+from vlpt.data.tokenizer import TextTokenizer
+from vlpt.data.views import TextViews
 
 MAX_REDRAWS = 10  # per slot; a batch this unlucky ends the run through data.max_bad_fraction anyway
 
@@ -18,7 +20,8 @@ class StepBatches(Dataset):
     weights, seeded by the step. With `images` (every image decoded once, uint8 [N,3,S,S]) a batch is an
     index; without, images are decoded here (in DataLoader workers): an unreadable image is named in `bad`
     and its slot redrawn (seeded by seed, step, rank), so batches keep their size, which the all-gathers
-    of contrastive losses and the micro-batch split need.
+    of contrastive losses and the micro-batch split need. With active `text_views` the captions of the
+    batch go through them and `tokenizer` here: "text" [B,L] and, with extra views, "text_views" [V,B,L].
     """
 
     def __init__(
@@ -32,6 +35,8 @@ class StepBatches(Dataset):
         weights: torch.Tensor | None = None,
         rank: int = 0,
         world: int = 1,
+        text_views: TextViews | None = None,
+        tokenizer: TextTokenizer | None = None,
     ):
         if weights is None and len(data) < batch_size:  # an epoch must hold at least one batch
             raise ValueError(f"the data set has {len(data)} captions, fewer than train.batch_size={batch_size}")
@@ -42,6 +47,8 @@ class StepBatches(Dataset):
         self.batch_size, self.seed, self.size, self.rank, self.world = batch_size, seed, image_size, rank, world
         self.steps_per_epoch = len(data) // batch_size
         self._perm_epoch, self._perm = -1, None
+        self.text_views = text_views if text_views is not None and text_views.active else None
+        self.tokenizer = tokenizer
 
     def __len__(self) -> int:  # effectively unbounded; the loop asks for the steps it runs
         return 2**62
@@ -61,7 +68,7 @@ class StepBatches(Dataset):
         idx = self.global_indices(step)[self.rank * local : (self.rank + 1) * local]
         img_idx = self.caption_image[idx]
         if self.images is not None:
-            return {"image": self.images[img_idx], "text": self.tokens[idx], "bad": []}
+            return {"image": self.images[img_idx], **self.texts(idx, step), "bad": []}
         images, keep, bad, redraw = [], [], [], None
         for c in idx.tolist():
             for _ in range(MAX_REDRAWS + 1):
@@ -76,7 +83,17 @@ class StepBatches(Dataset):
                         redraw = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1_009 + self.rank + 1)
                     c = self._draw(redraw)
         image = torch.stack(images) if images else torch.empty(0, 3, self.size, self.size, dtype=torch.uint8)
-        return {"image": image, "text": self.tokens[keep], "bad": bad}
+        return {"image": image, **self.texts(torch.tensor(keep, dtype=torch.long), step), "bad": bad}
+
+    def texts(self, idx: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        """Token ids of captions `idx` as objectives read them: through the text views, if any."""
+        if self.text_views is None:
+            return {"text": self.tokens[idx]}
+        main, extra = self.text_views([self.data.captions[i] for i in idx.tolist()], step)
+        out = {"text": self.tokens[idx] if main is None else self.tokenizer(main)}
+        if extra:
+            out["text_views"] = torch.stack([self.tokenizer(e) for e in extra])
+        return out
 
     def _draw(self, g: torch.Generator) -> int:
         if self.weights is not None:

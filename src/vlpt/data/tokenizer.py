@@ -5,6 +5,7 @@ always present (the CLIP text tower pools at it).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -14,6 +15,17 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 PAD, SOT, EOT, MASK, UNK = "<pad>", "<sot>", "<eot>", "<mask>", "<unk>"
 SPECIALS = [PAD, SOT, EOT, MASK, UNK]
+
+
+@dataclass(frozen=True)
+class Vocab:
+    """The vocabulary size and special ids that models and objectives are built with."""
+
+    size: int
+    pad: int = 0
+    sot: int = 1
+    eot: int = 2
+    mask: int = 3
 
 
 class TextTokenizer:
@@ -57,6 +69,10 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def vocab(self) -> Vocab:
+        return Vocab(self.vocab_size, self.pad_id, self.sot_id, self.eot_id, self.mask_id)
 
     def __call__(self, texts: list[str] | str) -> torch.Tensor:
         """Token ids [N, context_length] (int64)."""

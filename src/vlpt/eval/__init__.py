@@ -1,8 +1,9 @@
-"""Evaluation: zero-shot classification, image-text retrieval, linear probes and the task-suite runner.
+"""Evaluation: zero-shot classification, image-text retrieval, probes, captioning, and their registry.
 
-Modules: `templates` (prompt sets), `zeroshot`, `retrieval`, `probes` (pure protocols over callables),
-`tasks` (`run_task` / `run_suite` over "KIND:DATASPEC" strings). Evaluators never see a model class,
-only the callables of the evaluation contract (see `tasks.EvalModel`).
+`registry` holds the Evaluator plug-in contract and runs tasks "KIND:DATA"; `zeroshot`, `retrieval`,
+`probes` and `captioner` are the built-in evaluators (each protocol a pure function over callables, plus its
+Evaluator class); `data` decodes evaluation sets once; `templates` holds prompt sets. Evaluators never see
+a model class, only the evaluation contract (`registry.EvalModel`).
 """
 from __future__ import annotations
 

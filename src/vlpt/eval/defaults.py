@@ -25,7 +25,10 @@ def _flickr8k_test(source: str) -> str:
     return f"flickr8k:{path}:test" if path else "flickr8k:test"
 
 
-def auto_tasks(source: str, has_text_embed: bool = True, has_decoder: bool = False) -> list[str]:
+CONTRASTIVE = frozenset({"image_embed", "text_embed"})
+
+
+def auto_tasks(source: str, abilities: frozenset[str] = CONTRASTIVE) -> list[str]:
     kind, _, rest = source.partition(":")
     contrastive: list[str] = []
     captioner: list[str] = []
@@ -40,12 +43,12 @@ def auto_tasks(source: str, has_text_embed: bool = True, has_decoder: bool = Fal
         test = f"folder:{rest.rsplit(':', 1)[0]}:test" if ":" in rest else source
         contrastive, captioner = [f"zeroshot:{test}"], [f"zeroshot_captioner:{test}"]
     # captions tables and shards: no held-out split is implied; name tasks explicitly
-    return (list(contrastive) if has_text_embed else []) + (list(captioner) if has_decoder else [])
+    return (list(contrastive) if CONTRASTIVE <= abilities else []) + (list(captioner) if "caption" in abilities else [])
 
 
-def resolve_tasks(tasks: list[str], source: str, has_text_embed: bool = True, has_decoder: bool = False) -> list[str]:
+def resolve_tasks(tasks: list[str], source: str, abilities: frozenset[str] = CONTRASTIVE) -> list[str]:
     """`tasks` with every "auto" replaced by the suite for `source` and a model with these abilities."""
     out = []
     for t in tasks:
-        out += auto_tasks(source, has_text_embed, has_decoder) if t == "auto" else [t]
+        out += auto_tasks(source, abilities) if t == "auto" else [t]
     return out

@@ -11,6 +11,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from vlpt.eval import encode_batched
+from vlpt.eval.data import load_decoded, need_labels
+from vlpt.eval.registry import EvalOptions, Evaluator, TaskError, register
+
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 
 
@@ -74,3 +78,38 @@ def linear_probe(
     c = choose_c(x_tr, y_tr, cs, val_fraction, max_iter, seed)
     clf = _fit(x_tr, y_tr, c, max_iter, seed)
     return {"linear_probe_top1": 100.0 * float(clf.score(x_te, y_te))}
+
+
+def probe_specs(spec: str) -> tuple[str, str]:
+    """The (train, test) data specs of a linear-probe task."""
+    if "|" in spec:
+        train, _, test = spec.partition("|")
+        if train and test:
+            return train, test
+    elif spec.endswith(":train"):
+        return spec, spec[: -len("train")] + "test"
+    raise TaskError(f"linear_probe needs 'TRAINSPEC|TESTSPEC' (or a spec ending in ':train'), got {spec!r}")
+
+
+@register("linear_probe")
+class LinearProbe(Evaluator):
+    """linear_probe:TRAIN|TEST: logistic regression on frozen pooled features (linear_probe_top1 in %);
+    "linear_probe:X:train" alone means "linear_probe:X:train|X:test"."""
+
+    requires = frozenset({"image_features"})
+
+    def data_specs(self, data: str) -> list[str]:
+        return list(probe_specs(data))
+
+    def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
+        task = f"linear_probe:{data}"
+        (train_images, train), (test_images, test) = (load_decoded(s, model.image_size, options.progress)
+                                                      for s in probe_specs(data))
+        need_labels(train, task)
+        need_labels(test, task)
+        if list(train.classnames) != list(test.classnames):
+            raise ValueError(f"task {task!r}: train and test sets have different classnames")
+        bs, pr = options.batch_size, options.progress
+        train_feats = encode_batched(model.image_features, train_images, bs, pr, "train features")
+        test_feats = encode_batched(model.image_features, test_images, bs, pr, "test features")
+        return linear_probe(train_feats, train.labels, test_feats, test.labels)

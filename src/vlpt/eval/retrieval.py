@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.eval import encode_batched
+from vlpt.eval.data import load_decoded
+from vlpt.eval.registry import EvalOptions, Evaluator, register
 
 MAX_CHUNK_ELEMENTS = 1 << 24  # similarity scores held at once (64 MB of float32)
 
@@ -79,3 +81,15 @@ def retrieval(
     t2i = _chunked_topk(lambda a, b: txt[a:b] @ img.T, len(txt), len(img), max(ks))
     i2t = _chunked_topk(lambda a, b: img[a:b] @ txt.T, len(img), len(txt), max(ks))
     return _recalls(t2i, i2t, caption_image, ks)
+
+
+@register("retrieval")
+class Retrieval(Evaluator):
+    """retrieval:DATA: image<->text retrieval over a captioned set (t2i_R@K, i2t_R@K in %)."""
+
+    requires = frozenset({"image_embed", "text_embed"})
+
+    def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
+        images, ds = load_decoded(data, model.image_size, options.progress)
+        return retrieval(model.encode_images, model.encode_texts, images, ds.captions, ds.caption_image,
+                         batch_size=options.batch_size, progress=options.progress)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from vlpt.eval import encode_batched
+from vlpt.eval.data import load_decoded, need_labels
+from vlpt.eval.registry import EvalOptions, Evaluator, register
 from vlpt.eval.templates import fill, get_templates
 
 
@@ -56,3 +58,16 @@ def zeroshot_classify(
     if len(classnames) > 5:
         out["top5"] = topk_accuracy(logits, labels, 5)
     return out
+
+
+@register("zeroshot")
+class ZeroShot(Evaluator):
+    """zeroshot:DATA: a labelled set classified by prompt-ensembled text embeddings (top1, top5 in %)."""
+
+    requires = frozenset({"image_embed", "text_embed"})
+
+    def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
+        images, ds = load_decoded(data, model.image_size, options.progress)
+        need_labels(ds, f"zeroshot:{data}")
+        return zeroshot_classify(model.encode_images, model.encode_texts, images, ds.labels, ds.classnames,
+                                 options.templates, options.batch_size, options.progress)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import yaml
 
 from vlpt import config as config_lib
-from vlpt.data.tokenizer import TextTokenizer
+from vlpt.data.tokenizer import TextTokenizer, Vocab
 from vlpt.train import checkpoint
 from vlpt.train.pretrainer import Pretrainer, build
 
@@ -117,9 +116,9 @@ def validated(cfg: config_lib.Config) -> config_lib.Config:
 def build_module(cfg: config_lib.Config, vocab_size: int, tokenizer: TextTokenizer | None, eot_id: int) -> Pretrainer:
     """build() reads the size and special ids of a tokenizer; here the embedding table may be larger than
     the tokenizer, or there may be no tokenizer (then only <eot>, where the text tower pools, matters)."""
-    ids = {"pad_id": 0, "sot_id": 1, "mask_id": 3} if tokenizer is None else \
-        {k: getattr(tokenizer, k) for k in ("pad_id", "sot_id", "mask_id")}
-    return build(cfg, SimpleNamespace(vocab_size=vocab_size, eot_id=eot_id, **ids))
+    if tokenizer is None:
+        return build(cfg, Vocab(vocab_size, eot=eot_id))
+    return build(cfg, Vocab(vocab_size, tokenizer.pad_id, tokenizer.sot_id, eot_id, tokenizer.mask_id))
 
 
 def grow_vocab(token_embed: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -39,6 +39,7 @@ from vlpt.interop.common import (
     Entry, Imported, MappingError, attach_tokenizer, block_entries, build_module, clip_config, grow_vocab, remap,
     special_ids, validated, vlpt_tokenizer,
 )
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.vision import MEAN, STD
 from vlpt.train.pretrainer import build
 
@@ -318,8 +319,7 @@ def import_coca(sd: dict, config: dict, tokenizer: str | Path | None, vision_hea
     else:  # ids as open_clip's tokenizer makes them for OpenAI's vocabulary (<sot>, <eot> = the last two ids)
         tok, ids = None, SimpleNamespace(vocab_size=vocab, pad_id=pad, sot_id=vocab - 2, eot_id=vocab - 1, mask_id=pad)
     size = max(vocab, ids.vocab_size)
-    module = build(cfg, SimpleNamespace(vocab_size=size, pad_id=ids.pad_id, sot_id=ids.sot_id, eot_id=ids.eot_id,
-                                        mask_id=ids.mask_id))
+    module = build(cfg, Vocab(size, ids.pad_id, ids.sot_id, ids.eot_id, ids.mask_id))
     scale = _scales(sd, objective)
     embed = grow_vocab(sd["text.token_embedding.weight"], size)
     if ids.pad_id != pad:  # vlpt's <pad> (a new id) must look like open_clip's: the [CLS] reads one

@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlpt.config import DecoderConfig, TextConfig
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.layers import MLP
 
 
@@ -106,11 +107,10 @@ class DecodeCache:
 
 
 class CaptionDecoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, text: TextConfig, vocab_size: int, memory_width: int,
-                 specials: dict[str, int]):
+    def __init__(self, cfg: DecoderConfig, text: TextConfig, vocab: Vocab, memory_width: int):
         super().__init__()
-        w, self.context_length = text.width, text.context_length
-        self.pad_id, self.sot_id, self.eot_id, self.mask_id = (specials[k] for k in ("pad", "sot", "eot", "mask"))
+        w, self.context_length, vocab_size = text.width, text.context_length, vocab.size
+        self.pad_id, self.sot_id, self.eot_id, self.mask_id = vocab.pad, vocab.sot, vocab.eot, vocab.mask
         self.heads, self.style = text.heads, cfg.style
         self.token_embed = nn.Embedding(vocab_size, w)
         positions = text.context_length + (cfg.style == "open_clip")  # open_clip: the [CLS] after all L tokens

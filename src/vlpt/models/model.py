@@ -1,9 +1,18 @@
-"""ImageTextModel: the towers a recipe asks for, computed once per batch into a dict of outputs.
+"""ImageTextModel: the towers a recipe needs, and the outputs its objectives read, each computed once.
 
-Which towers exist follows from what the recipe's objectives read (`needs`):
-  image_embed  ViT (+ CoCa's contrastive pooler, or the generative pooler's first output) -> image_proj
-  text_embed   the CLIP text tower -> text_proj; or, with unimodal decoder layers (CoCa), the decoder's [CLS]
-  caption_logits  the caption decoder, cross-attending to the ViT tokens (or the generative pooler's)
+An objective names what it reads as `OUTPUT` or `OUTPUT@VIEW`:
+  image_tokens   the image encoder's tokens after its final LN (no [CLS])       [B,N,W]
+  image_pooled   the pooled, unprojected image feature (model.vision.pool; what probes read)  [B,W]
+  image_embed    the pooled feature projected to the shared space, unit norm  [B,D]
+  text_tokens    the text tower's tokens after its final LN                    [B,L,Wt]
+  text_features  the text tower's feature at <eot> (a CoCa decoder: its [CLS]) [B,Wt]
+  text_embed     the text feature projected to the shared space, unit norm    [B,D]
+  caption_logits the caption decoder's next-token logits, and caption_mask (real target tokens)
+and the views: none (batch["image"], batch["text"]); `image_views` / `text_views` (the recipe's extra views,
+batch[VIEW] [V,B,...]; outputs gain the leading V); `masked` (image outputs of only the patches
+batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses).
+
+Which towers exist follows from those names (`towers_of`); the model never names a method.
 """
 from __future__ import annotations
 
@@ -12,54 +21,140 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import ModelConfig
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.layers import AttentionPool
 from vlpt.models.text import TextTransformer
 from vlpt.models.vision import VisionTransformer
 
+IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
+TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
+OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | {"caption_logits"}
+VIEWS = {None: OUTPUTS, "image_views": IMAGE_OUTPUTS, "masked": IMAGE_OUTPUTS, "text_views": TEXT_OUTPUTS}
 CONTRASTIVE = frozenset({"image_embed", "text_embed"})
+TOWER_MODULES = {"vision": "visual", "text": "text", "decoder": "decoder"}  # tower -> ImageTextModel attribute
+
+
+class NeedError(ValueError):
+    """An objective asked for an output or view that does not exist."""
+
+
+def split_need(need: str) -> tuple[str, str | None]:
+    """"image_embed@image_views" -> ("image_embed", "image_views"); a plain name has view None."""
+    name, _, view = need.partition("@")
+    view = view or None
+    if name not in OUTPUTS:
+        raise NeedError(f"unknown model output '{name}'; outputs: {', '.join(sorted(OUTPUTS))}")
+    if view not in VIEWS:
+        raise NeedError(f"unknown view '{view}' in '{need}'; views: {', '.join(v for v in VIEWS if v)}")
+    if name not in VIEWS[view]:
+        raise NeedError(f"'{need}': the view {view} has only {', '.join(sorted(VIEWS[view]))}")
+    return name, view
+
+
+def _text_from_decoder(cfg: ModelConfig, names: set[str]) -> bool:
+    """A decoder with unimodal layers is the text tower too (CoCa): its [CLS] output is the text feature."""
+    return "caption_logits" in names and cfg.decoder.unimodal_depth > 0
+
+
+def towers_of(cfg: ModelConfig, needs: frozenset[str]) -> set[str]:
+    """The towers (vision, text, decoder) a model with these needs has."""
+    names = {split_need(n)[0] for n in needs}
+    towers = set()
+    if names & IMAGE_OUTPUTS or ("caption_logits" in names and not cfg.decoder.blind):
+        towers.add("vision")
+    if "caption_logits" in names:
+        towers.add("decoder")
+    if names & TEXT_OUTPUTS and not _text_from_decoder(cfg, names):
+        towers.add("text")
+    return towers
+
+
+def abilities_of(cfg: ModelConfig, needs: frozenset[str]) -> frozenset[str]:
+    """What evaluators may ask of such a model: image_tokens, image_features (pooled), image_embed,
+    text_embed (both: a contrastive model), caption (a caption decoder)."""
+    names = {split_need(n)[0] for n in needs}
+    towers = towers_of(cfg, needs)
+    out = set(names & CONTRASTIVE)
+    if "vision" in towers:
+        out |= {"image_tokens", "image_features"}
+    if "decoder" in towers:
+        out.add("caption")
+    return frozenset(out)
+
+
+def output_width(cfg: ModelConfig, name: str) -> int:
+    """The last dimension of an output, for objectives that build heads on it."""
+    name = split_need(name)[0]
+    if name in ("image_embed", "text_embed"):
+        return cfg.embed_dim
+    if name == "image_pooled" and cfg.poolers.contrastive == "first" and cfg.poolers.style == "open_clip":
+        return cfg.embed_dim
+    if name in IMAGE_OUTPUTS:
+        return cfg.vision.width
+    if name in TEXT_OUTPUTS:
+        return cfg.text.width
+    raise NeedError(f"'{name}' has no fixed width")
 
 
 class ImageTextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, eot_id: int, needs: frozenset[str] = CONTRASTIVE,
-                 pad_id: int = 0, mask_id: int = 3, sot_id: int = 1):
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, needs: frozenset[str] = CONTRASTIVE):
         super().__init__()
         self.cfg = cfg
         v, t, d, p = cfg.vision, cfg.text, cfg.decoder, cfg.poolers
-        has_decoder = "caption_logits" in needs
-        self.text_from_decoder = has_decoder and d.unimodal_depth > 0
-        sees_image = "image_embed" in needs or (has_decoder and not d.blind)
+        names = {split_need(n)[0] for n in needs}
+        towers = towers_of(cfg, needs)
+        self.abilities = abilities_of(cfg, needs)
+        self.text_from_decoder = _text_from_decoder(cfg, names)
         open_clip = p.style == "open_clip"
         pool_width = cfg.embed_dim if open_clip else v.width  # open_clip pools to embed_dim-wide tokens
-        self.visual = VisionTransformer(v, raw_tokens=open_clip) if sees_image else None
+        self.visual = VisionTransformer(v, raw_tokens=open_clip) if "vision" in towers else None
         self.decoder = self.text = self.gen_pool = self.con_pool = self.ln_pool = None
-        if has_decoder:
-            self.decoder = CaptionDecoder(d, t, vocab_size, pool_width if p.generative_queries else v.width,
-                                          {"pad": pad_id, "sot": sot_id, "eot": eot_id, "mask": mask_id})
-        first_only = "image_embed" in needs and p.contrastive == "first"  # an encoder that reads the first output
-        if p.generative_queries and (has_decoder and not d.blind or first_only):
+        if "decoder" in towers:
+            self.decoder = CaptionDecoder(d, t, vocab, pool_width if p.generative_queries else v.width)
+        sees = "decoder" in towers and not d.blind
+        first_only = "image_embed" in names and p.contrastive == "first"  # an encoder that reads the first output
+        if p.generative_queries and (sees or first_only):
             self.gen_pool = AttentionPool(v.width, p.heads or v.heads, p.generative_queries, pool_width)
             if open_clip:  # the ViT's final LayerNorm, moved after the pooler (open_clip's ln_post)
                 self.ln_pool = nn.LayerNorm(pool_width)
-        if "text_embed" in needs and not self.text_from_decoder:
-            self.text = TextTransformer(t, vocab_size, eot_id)
-        if "image_embed" in needs and p.contrastive in ("cascade", "parallel"):
+        if "text" in towers:
+            self.text = TextTransformer(t, vocab.size, vocab.eot)
+        if "image_embed" in names and p.contrastive in ("cascade", "parallel"):
             self.con_pool = AttentionPool(v.width, p.heads or v.heads, 1)
-        self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in needs else None
-        self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False) if "text_embed" in needs else None
+        self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in names else None
+        self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False) if "text_embed" in names else None
         if self.image_proj is not None:
             nn.init.normal_(self.image_proj.weight, std=pool_width**-0.5)
         if self.text_proj is not None:
             nn.init.normal_(self.text_proj.weight, std=t.width**-0.5)
+        self.locked: set[str] = set()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     @property
     def has_text_embed(self) -> bool:
-        return self.text_proj is not None
+        return "text_embed" in self.abilities
 
     @property
     def has_decoder(self) -> bool:
-        return self.decoder is not None
+        return "caption" in self.abilities
+
+    def tower(self, name: str) -> nn.Module | None:
+        """The module of a tower named as in model.init / model.lock."""
+        return getattr(self, TOWER_MODULES[name])
+
+    def lock(self, name: str) -> None:
+        """No gradients for a tower; it stays in eval mode (LiT)."""
+        tower = self.tower(name)
+        tower.requires_grad_(False)
+        tower.eval()
+        self.locked.add(name)
+
+    def train(self, mode: bool = True) -> "ImageTextModel":
+        super().train(mode)
+        for name in self.locked:
+            self.tower(name).eval()
+        return self
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         for tower in (self.visual and self.visual.transformer, self.text and self.text.transformer, self.decoder):
@@ -93,36 +188,75 @@ class ImageTextModel(nn.Module):
             pooled = self.con_pool(memory if mode == "cascade" and self.gen_pool is not None else tokens)[:, 0]
         return F.normalize(self.image_proj(pooled), dim=-1)
 
-    def _text_embed(self, text: torch.Tensor) -> torch.Tensor:
-        feats = self.decoder.text_features(text) if self.text_from_decoder else self.text(text)[0]
-        return F.normalize(self.text_proj(feats), dim=-1)
-
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        pooled, tokens = self.visual(images)
-        memory, first = self._pool(tokens) if self.cfg.poolers.contrastive in ("cascade", "first") else (tokens, None)
-        return self._image_embed(pooled, tokens, memory, first)
+        return self._image_outputs(images, {"image_embed"})["image_embed"]
 
     def encode_text(self, text: torch.Tensor) -> torch.Tensor:
-        return self._text_embed(text)
+        return self._text_outputs(text, {"text_embed"})["text_embed"]
+
+    def _image_outputs(self, images: torch.Tensor, names: set[str], keep: torch.Tensor | None = None,
+                       memory: bool = False) -> dict:
+        """Image outputs in `names` (and the decoder's `memory` if asked), from one encoder pass."""
+        pooled, tokens = self.visual(images, keep)
+        out = {"image_tokens": tokens}
+        mode = self.cfg.poolers.contrastive
+        mem = first = None
+        if memory or mode == "first" or ("image_embed" in names and mode == "cascade"):
+            mem, first = self._pool(tokens)
+        out["image_pooled"] = first if mode == "first" else pooled
+        if "image_embed" in names:
+            out["image_embed"] = self._image_embed(pooled, tokens, mem, first)
+        if memory:
+            out["memory"] = mem
+        return out
+
+    def _text_outputs(self, text: torch.Tensor, names: set[str]) -> dict:
+        if self.text_from_decoder:
+            out = {"text_features": self.decoder.text_features(text)}
+        else:
+            out = dict(zip(("text_features", "text_tokens"), self.text(text)))
+        if "text_embed" in names:
+            out["text_embed"] = F.normalize(self.text_proj(out["text_features"]), dim=-1)
+        return out
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, batch: dict, needs: set[str]) -> dict:
-        """Computes only the outputs in `needs`, each once (CoCa: one pass gives embeddings and logits)."""
-        out = {}
-        memory = first = None
-        if self.visual is not None and needs & {"image_embed", "image_tokens", "caption_logits"}:
-            pooled, tokens = self.visual(batch["image"])
-            out["image_tokens"] = tokens
-            if self.decoder is not None or self.cfg.poolers.contrastive in ("cascade", "first"):
-                memory, first = self._pool(tokens)
-            if "image_embed" in needs:
-                out["image_embed"] = self._image_embed(pooled, tokens, memory, first)
-        if "caption_logits" in needs:
-            logits, cls = self.decoder(batch["text"], None if self.decoder.blind else memory, batch.get("parallel"))
-            out["caption_logits"] = logits
-            out["caption_mask"] = batch["text"][:, 1:] != self.decoder.pad_id
-            if cls is not None and "text_embed" in needs:
-                out["text_embed"] = F.normalize(self.text_proj(cls), dim=-1)
-        if "text_embed" in needs and "text_embed" not in out:
-            out["text_embed"] = self._text_embed(batch["text"])
+    def forward(self, batch: dict, needs: frozenset[str]) -> dict:
+        """Every output in `needs`, keyed as named there, each computed once (CoCa: one pass gives the
+        embeddings and the caption logits)."""
+        by_view: dict[str | None, set[str]] = {}
+        for need in sorted(needs):  # a fixed order of passes, whatever the set's
+            name, view = split_need(need)
+            by_view.setdefault(view, set()).add(name)
+        out: dict = {}
+        for view, names in by_view.items():
+            got = self._default_view(batch, names) if view is None else self._view(batch, view, names)
+            out.update({(n if view is None else f"{n}@{view}"): got[n] for n in names})
+            if view is None and "caption_mask" in got:
+                out["caption_mask"] = got["caption_mask"]
         return out
+
+    def _default_view(self, batch: dict, names: set[str]) -> dict:
+        out: dict = {}
+        captions = "caption_logits" in names
+        sees = self.visual is not None and (names & IMAGE_OUTPUTS or captions)
+        if sees:
+            out.update(self._image_outputs(batch["image"], names, memory=captions))
+        if captions:
+            text = batch["text"]
+            logits, cls = self.decoder(text, out.get("memory") if sees else None, batch.get("parallel"))
+            out["caption_logits"], out["caption_mask"] = logits, text[:, 1:] != self.decoder.pad_id
+            if cls is not None:  # the decoder is the text tower: its [CLS] is the text feature
+                out["text_features"] = cls
+                if "text_embed" in names:
+                    out["text_embed"] = F.normalize(self.text_proj(cls), dim=-1)
+        if names & TEXT_OUTPUTS - out.keys():
+            out.update(self._text_outputs(batch["text"], names))
+        return out
+
+    def _view(self, batch: dict, view: str, names: set[str]) -> dict:
+        if view == "masked":
+            return self._image_outputs(batch["image"], names, keep=batch["image_keep"])
+        x = batch[view]  # [V,B,...]: one pass over all V*B examples, outputs reshaped to [V,B,...]
+        flat = x.flatten(0, 1)
+        got = self._image_outputs(flat, names) if view == "image_views" else self._text_outputs(flat, names)
+        return {k: t.unflatten(0, x.shape[:2]) for k, t in got.items()}

@@ -40,21 +40,31 @@ class VisionTransformer(nn.Module):
         self.ln_post = nn.Identity() if raw_tokens else nn.LayerNorm(w)
         self.map_pool = AttentionPool(w, cfg.heads) if cfg.pool == "map" else None
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B,3,H,W] (uint8 or float in 0-255) -> (pooled [B,W], patch tokens [B,N,W])."""
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B,3,H,W] (uint8 or float in 0-255) -> (pooled [B,W], patch tokens [B,N,W]).
+
+        keep [B,K]: indices of the patches to encode (MAE-style masking); the others never enter the
+        transformer, so the tokens are [B,K,W] (a [CLS], if any, is always kept).
+        """
         x = (images.to(self.mean.dtype) - self.mean) / self.std
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        x = self.transformer(self.ln_pre(x + self.pos_embed))
-        x = self.ln_post(x)
+        x = x + self.pos_embed
+        if keep is not None:
+            first = int(self.cls_token is not None)
+            kept = x[:, first:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :first], kept], dim=1)
+        x = self.ln_post(self.transformer(self.ln_pre(x)))
+        return self.pool(x), (x if self.raw_tokens or self.cls_token is None else x[:, 1:])
+
+    def pool(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled feature of the encoder's tokens x [B,(1+)N,W] by model.vision.pool."""
         pool = self.cfg.pool
-        if self.raw_tokens:
-            return x[:, 0], x
-        if pool == "cls":
-            return x[:, 0], x[:, 1:]
+        if self.raw_tokens or pool == "cls":
+            return x[:, 0]
         if pool == "gap":
-            return x.mean(1), x
+            return x.mean(1)
         if pool == "max":
-            return x.amax(1), x
-        return self.map_pool(x)[:, 0], x
+            return x.amax(1)
+        return self.map_pool(x)[:, 0]

@@ -1,4 +1,12 @@
-"""Objectives by recipe name. Adding a method = adding an objective here, never editing the loop."""
+"""Objectives by recipe name, or by import path ("my_pkg.losses:Align") for objectives outside vlpt.
+
+Adding a method = adding an objective (and a recipe), never editing the loop or the model.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+
 from vlpt.objectives.base import Objective
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.contrastive import Contrastive
@@ -10,4 +18,36 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "captioning": Captioning,
 }
 
-__all__ = ["OBJECTIVES", "Objective"]
+
+def import_class(path: str, base: type, what: str):
+    """"package.module:Class" -> the class, which must subclass `base`; ValueError says what is wrong."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"cannot import module '{module_name}' for {what} '{path}' ({err}); "
+                         f"is it installed or on PYTHONPATH?") from None
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ValueError(f"'{path}' is not a {base.__module__}.{base.__name__} subclass")
+    return cls
+
+
+def objective_class(name: str) -> type[Objective]:
+    """A built-in objective by name, or any Objective subclass by "module.path:Class"."""
+    from vlpt.config import ConfigError
+
+    if ":" in name:
+        try:
+            return import_class(name, Objective, "objective")
+        except ValueError as err:
+            raise ConfigError(f"objectives.{name}: {err}") from None
+    if name not in OBJECTIVES:
+        near = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
+        hint = f"; did you mean '{near[0]}'?" if near else ""
+        raise ConfigError(f"unknown objective 'objectives.{name}'{hint} Objectives: {', '.join(OBJECTIVES)}, "
+                          f"or an import path such as my_pkg.losses:MyObjective")
+    return OBJECTIVES[name]
+
+
+__all__ = ["OBJECTIVES", "Objective", "objective_class", "import_class"]

@@ -1,14 +1,24 @@
-"""The objective contract: an nn.Module that declares the model outputs it reads and returns (loss, metrics).
+"""The objective contract. An objective is an nn.Module that
 
-Objectives may own parameters (a temperature, a head); they train with the model and live in checkpoints.
+- declares the model outputs it reads (`needs`: names such as "image_embed" or "image_pooled@image_views",
+  see vlpt.models.model), and its typed `Options` (checked with the config: a wrong key or type names it);
+- owns whatever parameters it needs (a temperature, projector MLPs, predictors, prototypes, a decoder),
+  built in __init__ from the model config's widths (`output_width`) and the vocabulary;
+- may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs
+  (`forward`), and acts after each optimiser step (`after_step`: EMA targets, clamps, normalisation).
+
+Its parameters train with the model (no weight decay on 1-D tensors and on names ending in `_token` or
+`query`) and live in checkpoints. Gathers across processes live in the objective.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
 
 import torch
 from torch import nn
+
+from vlpt.config import ModelConfig
+from vlpt.data.tokenizer import Vocab
 
 
 def fp32(like: torch.Tensor):
@@ -23,28 +33,31 @@ class Objective(nn.Module):
     class Options:
         pass
 
-    def __init__(self, options: dict | None = None):
+    def __init__(self, options: dict | None = None, model: ModelConfig | None = None, vocab: Vocab | None = None):
+        """options: this objective's keys of the recipe; model: the model config (widths); vocab: the
+        tokenizer's size and special ids. Subclasses build their heads after calling this."""
         super().__init__()
         self.opts = self.parse_options(options or {})
+        self.model_cfg, self.vocab = model, vocab
+        self.needs = self.needs_for(self.opts)
 
     @classmethod
     def parse_options(cls, options: dict, prefix: str = "options"):
-        from vlpt.config import ConfigError
+        """The typed Options of a recipe's dict; a ConfigError names an unknown key or a wrong type."""
+        from vlpt.config import build_section
 
-        valid = [f.name for f in dataclasses.fields(cls.Options)]
-        for k in options:
-            if k not in valid:
-                near = difflib.get_close_matches(k, valid, n=1)
-                hint = f"; did you mean '{prefix}.{near[0]}'?" if near else f" (valid: {', '.join(valid) or 'none'})"
-                raise ConfigError(f"unknown option '{prefix}.{k}'{hint}")
-        return cls.Options(**options)
+        return build_section(cls.Options, dict(options), prefix + ".")
 
     @classmethod
-    def check_options(cls, options: dict, prefix: str) -> None:
-        cls.parse_options(options, prefix)
+    def needs_for(cls, options) -> frozenset[str]:
+        """What the objective reads with these options (override when an option changes it)."""
+        return frozenset(cls.needs)
 
     def prepare(self, batch: dict) -> None:
         """Add per-batch inputs the model must see (e.g. CapPa's parallel switch) before the forward pass."""
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def after_step(self, step: int, total: int) -> None:
+        """After optimiser step `step` (1-based) of `total`: EMA targets, parameter clamps, normalisation."""

@@ -15,6 +15,9 @@ from vlpt.train.distributed import all_gather_with_grad, rank
 class Contrastive(Objective):
     """Mean of image->text and text->image cross-entropy on exp(t) * img @ txt^T, t learned, exp(t) <= max_scale.
 
+    The clamp acts on the parameter after each optimiser step (as open_clip does): clamping inside the
+    forward pass would zero t's gradient once it passed the bound, so it could never come back down.
+
     Across processes each rank scores its own rows against the gathered global columns ("local loss"):
     the same gradient as the full global matrix with less memory. `local_loss: false` builds the whole
     global matrix on every rank instead (same gradient again; kept to test that claim).
@@ -29,12 +32,16 @@ class Contrastive(Objective):
         local_loss: bool = True
         label_smoothing: float = 0.0
 
-    def __init__(self, options: dict | None = None):
-        super().__init__(options)
+    def __init__(self, options: dict | None = None, model=None, vocab=None):
+        super().__init__(options, model, vocab)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / self.opts.init_temperature)))
 
     def scale(self) -> torch.Tensor:
-        return self.log_scale.clamp(max=math.log(self.opts.max_scale)).exp()
+        return self.log_scale.exp()
+
+    @torch.no_grad()
+    def after_step(self, step: int, total: int) -> None:
+        self.log_scale.clamp_(max=math.log(self.opts.max_scale))
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         with fp32(outputs["image_embed"]):

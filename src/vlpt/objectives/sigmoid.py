@@ -26,8 +26,8 @@ class Sigmoid(Objective):
         init_scale: float = 10.0
         init_bias: float = -10.0
 
-    def __init__(self, options: dict | None = None):
-        super().__init__(options)
+    def __init__(self, options: dict | None = None, model=None, vocab=None):
+        super().__init__(options, model, vocab)
         self.log_scale = nn.Parameter(torch.tensor(math.log(self.opts.init_scale)))
         self.bias = nn.Parameter(torch.tensor(self.opts.init_bias))
 

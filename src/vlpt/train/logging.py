@@ -31,6 +31,12 @@ class MetricsLog:
                     self.tb.add_scalar(f"{kind}/{k}", v, step)
             self.tb.flush()
 
+    def note(self, step: int, kind: str, **text: str) -> None:
+        """A row of words rather than numbers (e.g. why an evaluation task failed)."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "kind": kind, **text}) + "\n")
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

@@ -5,17 +5,23 @@ import torch
 from torch import nn
 
 from vlpt.config import Config
-from vlpt.data.tokenizer import TextTokenizer
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
-from vlpt.objectives import OBJECTIVES
+from vlpt.objectives import Objective, objective_class
+
+
+def module_key(name: str) -> str:
+    """An objective's name as a submodule name ("my_pkg.losses:Align" has dots, which modules cannot)."""
+    return name.replace(".", "_")
 
 
 class Pretrainer(nn.Module):
-    def __init__(self, model: ImageTextModel, objectives: dict[str, nn.Module], weights: dict[str, float]):
+    def __init__(self, model: ImageTextModel, objectives: dict[str, Objective], weights: dict[str, float]):
         super().__init__()
         self.model = model
-        self.objectives = nn.ModuleDict(objectives)
-        self.weights = weights
+        self.objectives = nn.ModuleDict({module_key(k): o for k, o in objectives.items()})
+        self.names = dict(zip(self.objectives, objectives))  # module key -> the recipe's name
+        self.weights = {module_key(k): w for k, w in weights.items()}
         self.needs = frozenset().union(*(o.needs for o in objectives.values()))
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -24,17 +30,25 @@ class Pretrainer(nn.Module):
             objective.prepare(batch)
         outputs = self.model(batch, self.needs)
         total, metrics = 0.0, {}
-        for name, objective in self.objectives.items():
+        for key, objective in self.objectives.items():
             loss, extra = objective(outputs, batch)
-            total = total + self.weights[name] * loss
+            total = total + self.weights[key] * loss
+            name = self.names[key]
             metrics[f"{name}/loss"] = loss.detach()
             metrics.update({f"{name}/{k}": v for k, v in extra.items()})
         return total, metrics
 
+    def after_step(self, step: int, total: int) -> None:
+        """The objectives' hooks after optimiser step `step` (EMA targets, clamps)."""
+        for objective in self.objectives.values():
+            objective.after_step(step, total)
 
-def build(cfg: Config, tokenizer: TextTokenizer) -> Pretrainer:
-    objectives = {name: OBJECTIVES[name](o.options) for name, o in cfg.objectives.items()}
-    needs = frozenset().union(*(o.needs for o in objectives.values()))
-    model = ImageTextModel(cfg.model, tokenizer.vocab_size, tokenizer.eot_id, needs,
-                           tokenizer.pad_id, tokenizer.mask_id, tokenizer.sot_id)
+
+def build(cfg: Config, vocab: Vocab) -> Pretrainer:
+    """The model the objectives need, then the objectives (which may build heads on its widths)."""
+    classes = {name: objective_class(name) for name in cfg.objectives}
+    needs = frozenset().union(*(c.needs_for(c.parse_options(cfg.objectives[n].options, f"objectives.{n}"))
+                                for n, c in classes.items()))
+    model = ImageTextModel(cfg.model, vocab, needs)
+    objectives = {name: c(cfg.objectives[name].options, cfg.model, vocab) for name, c in classes.items()}
     return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()})

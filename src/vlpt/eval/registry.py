@@ -1,0 +1,176 @@
+"""Evaluators as plug-ins: one class per protocol, registered by name, run as tasks "KIND:DATA".
+
+An evaluator declares what it requires of a model (`requires`, from the abilities image_embed,
+text_embed, image_features, image_tokens, caption) and which data specs it reads (`data_specs`), and
+returns {metric: value} from `evaluator(model, data, options)`. A task names a registered kind
+("zeroshot:scenes:colour") or any Evaluator subclass by import path ("my_pkg.evals:Sharpness:scenes:test").
+`vlpt eval --task`, `eval.tasks` during training and the final evaluation all come here; every task of a
+suite is checked (kind, data syntax, the model's abilities) before any of them runs.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Protocol, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+
+class EvalModel(Protocol):
+    """What evaluators may call (vlpt.inference.Model implements it); images are uint8 [B,3,H,W]."""
+
+    image_size: int
+    abilities: frozenset[str]  # which of the groups below exist: image_embed/text_embed, image_features, caption
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,D], unit norm
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor: ...  # [N,D], unit norm
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,F] pooled, unprojected
+
+    def caption(self, images: torch.Tensor) -> list[str]: ...  # one caption each
+
+    def score_texts(self, images: torch.Tensor, texts: list[str], prompt: str = "",
+                    normalize: bool = False) -> torch.Tensor: ...  # [B,C] log-likelihoods
+
+    def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
+
+
+class TaskError(ValueError):
+    """A task that cannot run: an unknown kind, a malformed data part, a model without what it needs."""
+
+
+@dataclass
+class EvalOptions:
+    templates: str | Sequence[str] = "imagenet80"  # zero-shot prompt templates: imagenet80, simple, or a list
+    batch_size: int = 256
+    progress: bool = False
+    samples: list | None = None  # when a list, captioning tasks append one {"image", "caption", "references"} per image
+
+
+class Evaluator:
+    """Subclass, set `requires`, implement __call__; register with @register("name") or name it by path."""
+
+    requires: ClassVar[frozenset[str]] = frozenset()
+    name: ClassVar[str] = ""
+
+    def data_specs(self, data: str) -> list[str]:
+        """The data specs this task reads (opened before training starts); TaskError if `data` is malformed."""
+        return [data]
+
+    def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
+        raise NotImplementedError
+
+
+EVALUATORS: dict[str, type[Evaluator]] = {}
+
+
+def register(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
+    def add(cls: type[Evaluator]) -> type[Evaluator]:
+        cls.name = name
+        EVALUATORS[name] = cls
+        return cls
+
+    return add
+
+
+def _builtins() -> None:
+    """The built-in evaluators register themselves on import."""
+    from vlpt.eval import zeroshot, retrieval, probes, captioner  # noqa: F401  (this order is the listing order)
+
+
+def kinds() -> list[str]:
+    _builtins()
+    return list(EVALUATORS)
+
+
+def _is_import_path(module: str, rest: str) -> bool:
+    """"pkg.mod:Class:DATA": `module` names an importable module and `rest` starts with an identifier."""
+    import importlib.util
+
+    if not rest.partition(":")[0].isidentifier():
+        return False
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def parse_task(task: str) -> tuple[type[Evaluator], str]:
+    """"KIND:DATA" or "module.path:Class:DATA" -> (the evaluator class, DATA)."""
+    from vlpt.objectives import import_class
+
+    head, _, rest = task.partition(":")
+    if head not in kinds() and _is_import_path(head, rest):
+        cls_name, _, data = rest.partition(":")
+        kind = f"{head}:{cls_name}"
+        try:
+            cls = import_class(kind, Evaluator, "evaluator")
+        except ValueError as err:
+            raise TaskError(f"task {task!r}: {err}") from None
+    else:
+        kind, data = head, rest
+        known = list(EVALUATORS)
+        if kind not in EVALUATORS:
+            close = difflib.get_close_matches(kind, known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TaskError(f"unknown evaluation task kind {kind!r} in {task!r}; known kinds: {', '.join(known)}, "
+                            f"or an import path module.path:Class.{hint}")
+        cls = EVALUATORS[kind]
+    if not data:
+        raise TaskError(f"task {task!r} names no data set; write it as '{kind}:DATASPEC'")
+    return cls, data
+
+
+def check_task(task: str, abilities: frozenset[str]) -> tuple[Evaluator, str]:
+    """(the evaluator, its data) of a task this model can run; TaskError names what is missing."""
+    cls, data = parse_task(task)
+    missing = cls.requires - abilities
+    if missing:
+        what = {"text_embed": "a text embedding (a contrastive model such as clip, siglip or coca)",
+                "image_embed": "an image embedding (a contrastive model such as clip, siglip or coca)",
+                "caption": "a caption decoder (a captioning model such as cap, cappa or coca)",
+                "image_features": "an image encoder", "image_tokens": "an image encoder"}
+        needs = what.get(sorted(missing, key=list(what).index)[0]) if missing <= set(what) else ", ".join(sorted(missing))
+        raise TaskError(f"task {task!r} needs {needs}, which this model does not have")
+    evaluator = cls()
+    evaluator.data_specs(data)  # a malformed data part fails here
+    return evaluator, data
+
+
+def run_task(task: str, model, templates="imagenet80", progress: bool = True, batch_size: int = 256,
+             samples: dict | None = None) -> dict[str, float]:
+    """Run one task on a model of the evaluation contract (vlpt.inference.Model); "<task>/<metric>"."""
+    evaluator, data = check_task(task, model.abilities)
+    options = EvalOptions(templates, batch_size, progress, None if samples is None else [])
+    metrics = evaluator(model, data, options)
+    if options.samples:
+        samples[task] = options.samples
+    return {f"{task}/{name}": float(value) for name, value in metrics.items()}
+
+
+def run_suite(tasks: Sequence[str], model, **kw) -> dict[str, float]:
+    """Every task, all checked first (a typo or a task the model cannot do fails before any work)."""
+    for task in tasks:
+        check_task(task, model.abilities)
+    out: dict[str, float] = {}
+    for task in tasks:
+        out.update(run_task(task, model, **kw))
+    return out
+
+
+def batched(fn: Callable, n: int, batch_size: int, progress: bool, desc: str) -> list:
+    """[fn(start, stop) for each batch] under no_grad, with a progress bar."""
+    with torch.no_grad():
+        return [fn(a, min(a + batch_size, n))
+                for a in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)]
+
+
+def write_samples(samples: dict[str, list[dict]], path: str | Path) -> Path:
+    """Save the records that captioning tasks collected (`run_task(samples=...)`) as JSON."""
+    path = Path(path)
+    path.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n")
+    return path

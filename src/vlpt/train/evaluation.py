@@ -1,0 +1,84 @@
+"""Evaluation during and after training: the run's tasks, checked before the first step, each on its own
+cadence. A task that fails during training is reported and training goes on; the final evaluation runs once
+the final checkpoint is on disk, and a failure there says how to run it again with `vlpt eval`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from vlpt.config import Config, ConfigError
+from vlpt.data import sources
+from vlpt.eval.defaults import resolve_tasks
+from vlpt.eval.registry import TaskError, check_task, run_task, write_samples
+from vlpt.train import distributed
+from vlpt.train.logging import MetricsLog
+
+
+class EvaluationFailed(RuntimeError):
+    """The final evaluation failed; the run itself (its final checkpoint) is complete."""
+
+
+class EvalPlan:
+    """(task, period) for every task of eval.tasks ("auto" expanded); period 0 = only at the end."""
+
+    def __init__(self, cfg: Config, abilities: frozenset[str]):
+        self.cfg, self.tasks = cfg, []
+        for i, entry in enumerate(cfg.eval.tasks):
+            period = cfg.eval.every_steps if entry.every_steps is None else entry.every_steps
+            for task in resolve_tasks([entry.task], cfg.data.source, abilities):
+                try:
+                    evaluator, data = check_task(task, abilities)
+                except TaskError as err:
+                    raise ConfigError(f"eval.tasks[{i}]: {err}") from None
+                for spec in evaluator.data_specs(data):  # a missing file or a typo fails now, not after the run
+                    try:
+                        sources.open_source(spec)
+                    except Exception as err:  # noqa: BLE001 - any reason a set cannot be opened
+                        raise ConfigError(f"eval.tasks[{i}]: task {task!r} cannot open its data {spec!r}: {err}") from None
+                self.tasks.append((task, period))
+
+    def due(self, step: int, total: int) -> list[str]:
+        """Tasks whose period divides `step`, except at the last step (the final evaluation runs them all)."""
+        return [t for t, period in self.tasks if period and step % period == 0 and step != total]
+
+    def run(self, tasks: list[str], model, step: int, log: MetricsLog, progress: bool,
+            samples: dict | None = None) -> tuple[dict, dict]:
+        """(metrics, {task: error message}) on the main process; the other ranks wait."""
+        results, failed = {}, {}
+        if distributed.is_main():
+            for task in tasks:
+                try:
+                    results.update(run_task(task, model, templates=self.cfg.eval.templates, progress=progress,
+                                            samples=samples))
+                except Exception as err:  # noqa: BLE001 - reported; training and other tasks go on
+                    failed[task] = f"{type(err).__name__}: {err}"
+            if results:
+                log.write(step, "eval", results)
+            for task, message in failed.items():
+                log.note(step, "eval_error", task=task, message=message)
+        distributed.barrier()
+        return results, failed
+
+    def periodic(self, model, step: int, total: int, log: MetricsLog) -> None:
+        tasks = self.due(step, total)
+        if tasks:
+            _, failed = self.run(tasks, model, step, log, progress=False)
+            for task, message in failed.items():
+                print(f"warning: evaluation task {task!r} failed at step {step} ({message}); training goes on",
+                      file=sys.stderr)
+
+    def final(self, model, step: int, log: MetricsLog, progress: bool, run_dir: Path) -> dict:
+        """Every task; results.json and captions.json (generated captions) in the run folder."""
+        samples: dict = {}
+        results, failed = self.run([t for t, _ in self.tasks], model, step, log, progress, samples)
+        if distributed.is_main():
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            if samples:
+                write_samples(samples, run_dir / "captions.json")
+        if failed and distributed.is_main():
+            rerun = " ".join(f"--task '{t}'" for t in failed)
+            detail = "; ".join(f"{t}: {m}" for t, m in failed.items())
+            raise EvaluationFailed(f"the final evaluation failed ({detail}). The trained model is saved; "
+                                   f"evaluate it again with: vlpt eval {run_dir} {rerun}")
+        return results

@@ -1,0 +1,52 @@
+"""The run's two stopping rules for bad input and bad numbers, with the counters they keep."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from vlpt.data.sources import BadDataError
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (a non-finite streak); the message says why and what to resume from."""
+
+
+class BadImageBudget:
+    """Images found unreadable as batches are decoded (data.cache_images=false): this rank's counts; past
+    data.max_bad_fraction the run stops naming up to ten files (a rank that stops ends the torchrun group)."""
+
+    def __init__(self, counters: dict, max_bad_fraction: float):
+        self.counters, self.limit, self.names = counters, max_bad_fraction, []
+
+    def add(self, bad: list[str], good: int, step: int) -> None:
+        c = self.counters
+        c["bad_images"] += len(bad)
+        c["images"] += good + len(bad)
+        self.names += bad[: 10 - len(self.names)]
+        if not good or (c["bad_images"] > 1 and c["bad_images"] / c["images"] > self.limit):
+            shown = "\n  ".join(self.names)
+            raise BadDataError(f"{c['bad_images']} of {c['images']} images read by step {step} were unreadable, more "
+                               f"than data.max_bad_fraction={self.limit}:\n  {shown}\n"
+                               f"Fix or remove these files, or raise data.max_bad_fraction to skip them.")
+
+
+class NonFiniteStreak:
+    """Counts steps skipped for a non-finite loss or gradient; `limit` in a row stop the run."""
+
+    def __init__(self, counters: dict, limit: int):
+        self.counters, self.limit, self.length = counters, limit, 0
+
+    def add(self, updated: bool) -> None:
+        if updated:
+            self.length = 0
+        else:
+            self.length += 1
+            self.counters["nonfinite_steps"] += 1
+
+    def check(self, step: int, newest: Path | None) -> None:
+        if self.length >= self.limit:
+            first = step - self.length + 1
+            raise TrainingStopped(
+                f"{self.length} non-finite losses or gradients in a row (steps {first} to {step}; "
+                f"train.max_nonfinite_steps={self.limit}): the run stopped. Newest checkpoint, from before "
+                f"step {first}: {newest or 'none'}. Continue with --resume and e.g. a lower train.lr, more "
+                f"train.warmup_steps or train.precision=fp32")

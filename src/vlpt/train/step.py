@@ -1,0 +1,135 @@
+"""One optimisation step: forward, weighted losses, backward, clip, optimiser, the objectives' after-step
+hooks. The training loop, the benchmarks and the tests all call `train_step`.
+
+A batch is a dict of tensors. Device transfer and the micro-batch split treat every key alike: they
+split it on its batch dimension (dim 1 for the `*_views` keys, [V,B,...]; dim 0 otherwise), so a new key
+needs no change here.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from vlpt.train import distributed
+from vlpt.train.pretrainer import Pretrainer
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def batch_dim(key: str) -> int:
+    """Where the examples are: [V,B,...] for views, [B,...] for everything else."""
+    return 1 if key.endswith("_views") else 0
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def split(batch: dict, n: int) -> list[dict]:
+    """n equal micro-batches of every tensor in `batch` (the loop checks that the batch divides)."""
+    if n == 1:
+        return [batch]
+    parts = {k: v.chunk(n, dim=batch_dim(k)) for k, v in batch.items()}
+    return [{k: p[i] for k, p in parts.items()} for i in range(n)]
+
+
+def sum_over_ranks(device: torch.device, *values: int) -> list[int]:
+    """Per-step decisions (skip, stop, save) must be the same on every rank: one small all-reduce."""
+    if not distributed.is_distributed():
+        return [int(v) for v in values]
+    t = torch.tensor([int(v) for v in values], device=device, dtype=torch.int64)
+    torch.distributed.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class StepParts:
+    """What one step needs. `run` computes (loss, metrics) from a batch: the module itself, or the module
+    wrapped in DDP (`ddp`) and/or compiled."""
+
+    module: Pretrainer
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    run: Callable | None = None
+    ddp: DistributedDataParallel | None = None
+    scaler: torch.amp.GradScaler | None = None
+    amp: torch.dtype | None = None
+    accum_steps: int = 1
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.run is None:
+            self.run = self.ddp if self.ddp is not None else self.module
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    metrics: dict  # the last micro-batch's metrics (tensors: read them only when logging)
+    updated: bool  # False: a non-finite loss or gradient somewhere; no update was made
+    flags: list[int]  # the caller's flags, summed over ranks
+
+
+def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tuple[int, ...] = ()) -> StepResult:
+    """Optimisation step `step` (1-based) of `total` on a batch already on the device.
+
+    A non-finite loss or gradient norm on any rank skips the update everywhere (the schedule still
+    advances). `flags` (e.g. "a stop signal arrived") are summed over ranks in the same all-reduce as that
+    check, the step's one host sync.
+    """
+    module, optimizer, scaler = parts.module, parts.optimizer, parts.scaler
+    device = next(module.parameters()).device
+    chunks = split(batch, parts.accum_steps)
+    total_loss, metrics = torch.zeros((), device=device), {}
+    for k, chunk in enumerate(chunks):
+        last = k == len(chunks) - 1
+        sync = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
+        with sync, torch.autocast(device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
+            loss, metrics = parts.run(chunk)
+            scaled = loss / len(chunks)
+        (scaler.scale(scaled) if scaler else scaled).backward()
+        total_loss += loss.detach().float() / len(chunks)
+    if scaler:
+        scaler.unscale_(optimizer)
+    params = [p for p in module.parameters() if p.grad is not None]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, parts.grad_clip if parts.grad_clip > 0 else float("inf"))
+    loss_value, norm_value = torch.stack([total_loss, grad_norm.detach().float()]).tolist()  # the step's host sync
+    nonfinite, *summed = sum_over_ranks(device, not (math.isfinite(loss_value) and math.isfinite(norm_value)), *flags)
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler:
+            scaler.update()
+    else:
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        module.after_step(step, total)
+    if parts.scheduler is not None:
+        parts.scheduler.step()
+    return StepResult(loss_value, norm_value, metrics, not nonfinite, summed)
