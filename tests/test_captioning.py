@@ -167,6 +167,32 @@ def test_scoring_equals_the_hand_sum_of_token_log_probabilities():
                 assert norm.item() == pytest.approx(hand_tail.item(), abs=1e-4)
 
 
+def test_a_prompt_is_read_and_exactly_the_texts_own_tokens_are_scored():
+    """With a byte-level BPE, "a photo of a " alone ends in a space token and "a photo of a" + "cat" merges
+    into "acat": the text's tokens are those it has in the sentence, here " cat" and <eot>."""
+    from vlpt.data.tokenizer import TextTokenizer
+    from vlpt.inference import Model
+    from vlpt.train.pretrainer import build
+
+    tok = TextTokenizer.train(["a photo of a cat", "a photo of a dog", "a cat on a mat", "acat"] * 50, 300, L)
+    torch.manual_seed(0)
+    module = build(config.resolve("cap", ["model=micro", "train.steps=1", f"model.text.context_length={L}"]),
+                   tok.vocab)
+    torch.nn.init.normal_(module.model.decoder.head.weight, std=0.5)
+    model, img = Model(module.model.eval(), tok), images(2)
+    sentence = tok(["a photo of a cat"])
+    with torch.no_grad():
+        logp = module.model({"image": img, "text": sentence.expand(2, -1)}, module.needs)["caption_logits"].log_softmax(-1)
+    targets = sentence[0, 1:].tolist()
+    cat = tok.tok.token_to_id("Ġcat")
+    j = targets.index(cat)
+    by_hand = logp[:, j, cat] + logp[:, j + 1, tok.eot_id]
+    for prompt in ("a photo of a ", "a photo of a"):
+        torch.testing.assert_close(model.score_texts(img, ["cat"], prompt=prompt)[:, 0], by_hand)
+    whole = sum(logp[:, k, t] for k, t in enumerate(targets[: targets.index(tok.eot_id) + 1]))
+    torch.testing.assert_close(model.score_texts(img, ["a photo of a cat"])[:, 0], whole)
+
+
 def test_beam_search_finds_the_best_sequence_of_a_model_small_enough_to_enumerate():
     model = make(captioning_only=True, seed=3).model
     imgs = images(2, seed=9)

@@ -109,11 +109,12 @@ class Model:
 
     @torch.inference_mode()
     def score_texts(self, images: torch.Tensor, texts: list[str], prompt: str = "", normalize: bool = False) -> torch.Tensor:
-        """[B,C] log-likelihood of each text (after `prompt`, which is read but not scored) given each image."""
-        ids = self.tokenizer([prompt + t for t in texts]).to(self.device)
-        prefix = len(self.tokenizer.tok.encode(prompt, add_special_tokens=False).ids) if prompt else 0
-        return self._eval(lambda: captioner.score(self.model, self._images(images), ids, normalize=normalize,
-                                                  prefix_len=prefix, batch=len(images)))
+        """[B,C] log-likelihood of each text given each image; a `prompt` is read before it, not scored
+        (the text's own tokens in the sentence "PROMPT TEXT" are: see TextTokenizer.after_prompt)."""
+        ids, prefix = self.tokenizer.after_prompt(prompt, texts)
+        return self._eval(lambda: captioner.score(self.model, self._images(images), ids.to(self.device),
+                                                  normalize=normalize, prefix_len=prefix.to(self.device),
+                                                  batch=len(images)))
 
     @torch.inference_mode()
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]:

@@ -87,6 +87,20 @@ class TextTokenizer:
             row[1 + len(ids)] = self.eot_id
         return torch.from_numpy(out)
 
+    def after_prompt(self, prompt: str, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of each text read after `prompt` (joined by one space, as in "a photo of a" + "cat"),
+        and how many tokens of each belong to the prompt. The text's tokens are exactly the ones it has in
+        that sentence: tokenising the prompt alone would count a trailing space token ("a photo of a ")
+        that the sentence does not have, and plain concatenation merges words ("a photo of acat")."""
+        head = prompt.rstrip()
+        if not head:
+            return self(texts), torch.zeros(len(texts), dtype=torch.long)
+        sentences = [f"{head} {t.lstrip()}" for t in texts]
+        encodings = self.tok.encode_batch(sentences, add_special_tokens=False)
+        # pre-tokenisation splits at the space, so every token lies in the prompt or in the text
+        in_prompt = [sum(start < len(head) for start, _ in e.offsets) for e in encodings]
+        return self(sentences), torch.tensor([min(n, self.context_length - 2) for n in in_prompt])
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of the ids up to the first <eot>, specials dropped."""
         kept = []
