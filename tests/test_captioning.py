@@ -82,8 +82,8 @@ def test_cappa_switches_whole_examples_and_only_they_attend_both_ways():
     changed, _ = decoder(other, mem, parallel)
     assert torch.allclose(changed[0], base[0]) and not torch.allclose(changed[1, 2:], base[1, 2:])
     # full attention for the parallel example only: a later position reaches position 0
-    with torch.no_grad():
-        decoder.pos_embed[:, 6] += 1.0
+    with torch.no_grad():  # a random change: adding a constant to every channel is undone by LayerNorm
+        decoder.pos_embed[:, 6] += torch.randn(decoder.pos_embed.shape[-1], generator=torch.Generator().manual_seed(0))
     later, _ = decoder(text, mem, parallel)
     assert not torch.allclose(later[0, 0], base[0, 0]) and torch.allclose(later[1, 0], base[1, 0], atol=1e-6)
 
@@ -292,3 +292,17 @@ def test_zero_cross_starts_as_a_blind_decoder_and_still_learns_to_look():
     loss, _ = module({"image": images(2), "text": text})
     loss.backward()
     assert model.decoder.multimodal[0].cross.proj.weight.grad.abs().sum() > 0  # but the gate opens with training
+
+
+def test_the_decoder_is_half_the_encoders_depth_at_its_width_unless_set():
+    """METHODS.md (Cap): half as many decoder layers as encoder layers, at the encoder's width."""
+    for preset, (depth, width, heads) in {"vit-b16": (6, 768, 12), "vit-s16": (6, 384, 6), "tiny": (2, 128, 4),
+                                          "micro": (1, 64, 2)}.items():
+        d = config.resolve("cap", [f"model={preset}"]).model.decoder
+        assert (d.depth, d.width, d.heads) == (depth, width, heads), preset
+    d = config.resolve("cap", ["model=vit-b16", "model.decoder.depth=3", "model.decoder.width=512",
+                               "model.decoder.heads=8"]).model.decoder
+    assert (d.depth, d.width, d.heads) == (3, 512, 8)
+    cfg = config.resolve("cap", ["model=micro", "model.vision.width=96", "model.vision.heads=3", "model.vision.depth=4"])
+    decoder = ImageTextModel(cfg.model, Vocab(V, PAD, SOT, EOT, MASK), frozenset({"caption_logits"})).decoder
+    assert len(decoder.multimodal) == 2 and decoder.token_embed.embedding_dim == 96 and decoder.heads == 3

@@ -44,10 +44,13 @@ class TextConfig:
 class DecoderConfig:
     """Caption decoder (Cap, CapPa, CoCa), built only when an objective reads caption logits.
 
-    Width, heads, MLP ratio and context length are the text tower's (`model.text.*`).
+    Unset, its shape follows the image encoder (METHODS.md, Cap): half its depth, its width and heads.
+    MLP ratio and context length are the text tower's (`model.text.*`).
     """
 
-    depth: int = 2  # multimodal layers: causal self-attention, cross-attention to the image, MLP
+    depth: int | None = None  # multimodal layers (self-attention, cross-attention, MLP); None: encoder depth / 2
+    width: int | None = None  # None: model.vision.width
+    heads: int | None = None  # None: model.vision.heads
     unimodal_depth: int = 0  # CoCa: text-only layers first; their [CLS] output is the text embedding
     blind: bool = False  # no image input at all: a text-only language model (the Cap paper's blind baseline)
     zero_cross: bool = False  # zero-initialise cross-attention outputs: start as the blind decoder (Flamingo-style)
@@ -406,6 +409,14 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
     return cfg
 
 
+def _derive_decoder(m: ModelConfig) -> None:
+    """The decoder's unset shape from the image encoder: half its depth (at least 1), its width and heads."""
+    d = m.decoder
+    d.depth = max(1, m.vision.depth // 2) if d.depth is None else d.depth
+    d.width = m.vision.width if d.width is None else d.width
+    d.heads = m.vision.heads if d.heads is None else d.heads
+
+
 def objective_needs(cfg: Config) -> dict[str, frozenset[str]]:
     """What each objective of the recipe reads from the model; unknown objectives and options are errors."""
     from vlpt.objectives import objective_class
@@ -420,6 +431,9 @@ def objective_needs(cfg: Config) -> dict[str, frozenset[str]]:
 
 
 def validate(cfg: Config) -> None:
+    """Raises ConfigError naming the key and the fix; fills the values derived from others (the decoder's
+    unset shape)."""
+    _derive_decoder(cfg.model)
     v, t = cfg.model.vision, cfg.model.text
     if v.image_size % v.patch_size:
         raise ConfigError(
@@ -536,6 +550,8 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     d, p = cfg.model.decoder, cfg.model.poolers
     if p.contrastive not in ("cascade", "parallel", "first", "none"):
         raise ConfigError(f"model.poolers.contrastive={p.contrastive!r}: choose cascade, parallel, first or none")
+    if d.heads < 1 or d.width % d.heads:
+        raise ConfigError(f"model.decoder.width={d.width} must be a multiple of model.decoder.heads={d.heads}")
     if p.generative_queries < 0 or d.depth < 0 or d.unimodal_depth < 0 or p.heads < 0:
         raise ConfigError("model.poolers.generative_queries, model.poolers.heads, model.decoder.depth and "
                           "unimodal_depth must be >= 0")
@@ -580,6 +596,10 @@ def from_dict(d: dict) -> Config:
     """Rebuild a saved (resolved) config without re-applying presets (older key names are read too)."""
     d = copy.deepcopy(d)
     _migrate(d, saved=True)
+    decoder, text = d.get("model", {}).get("decoder", {}), d.get("model", {}).get("text", {})
+    for key in ("width", "heads"):  # saved before the decoder had its own shape: it had the text tower's
+        if key not in decoder and key in text:
+            decoder[key] = text[key]
     d["objectives"] = _objectives(d.get("objectives"))
     cfg = _build(Config, d)
     validate(cfg)

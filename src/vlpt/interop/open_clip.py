@@ -293,7 +293,8 @@ def coca_config(sd: dict, config: dict, objective: str, vision_heads: int | None
                                                                    if objective == "sigmoid" else {}))
     model = config_lib.ModelConfig(
         preset="imported", vision=config_lib.VisionConfig(**vision), text=config_lib.TextConfig(**text), embed_dim=embed_dim,
-        decoder=config_lib.DecoderConfig(depth=depth, unimodal_depth=text["depth"], style="open_clip"),
+        decoder=config_lib.DecoderConfig(depth=depth, width=width, heads=text["heads"], unimodal_depth=text["depth"],
+                                         style="open_clip"),
         poolers=config_lib.PoolerConfig(generative_queries=queries, contrastive="first", heads=pool_heads, style="open_clip"))
     return validated(dataclasses.replace(recipe, model=model))
 

@@ -109,14 +109,14 @@ class DecodeCache:
 class CaptionDecoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, text: TextConfig, vocab: Vocab, memory_width: int):
         super().__init__()
-        w, self.context_length, vocab_size = text.width, text.context_length, vocab.size
+        w, self.context_length, vocab_size = cfg.width, text.context_length, vocab.size
         self.pad_id, self.sot_id, self.eot_id, self.mask_id = vocab.pad, vocab.sot, vocab.eot, vocab.mask
-        self.heads, self.style = text.heads, cfg.style
+        self.heads, self.style = cfg.heads, cfg.style
         self.token_embed = nn.Embedding(vocab_size, w)
         positions = text.context_length + (cfg.style == "open_clip")  # open_clip: the [CLS] after all L tokens
         self.pos_embed = nn.Parameter(torch.randn(1, positions, w) * 0.01)
         split = cfg.style == "open_clip"
-        block = lambda mem: DecoderBlock(w, text.heads, text.mlp_ratio, mem, split)  # noqa: E731
+        block = lambda mem: DecoderBlock(w, cfg.heads, text.mlp_ratio, mem, split)  # noqa: E731
         self.unimodal = nn.ModuleList(block(None) for _ in range(cfg.unimodal_depth))
         self.multimodal = nn.ModuleList(block(None if cfg.blind else memory_width) for _ in range(cfg.depth))
         if cfg.zero_cross:  # the image enters only as its weights grow, so early noise cannot slow the language model

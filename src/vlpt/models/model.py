@@ -92,8 +92,8 @@ def output_width(cfg: ModelConfig, name: str) -> int:
         return cfg.embed_dim
     if name in IMAGE_OUTPUTS:
         return cfg.vision.width
-    if name in TEXT_OUTPUTS:
-        return cfg.text.width
+    if name in TEXT_OUTPUTS:  # a decoder with unimodal layers is the text tower of a captioning recipe (CoCa)
+        return cfg.decoder.width if cfg.decoder.unimodal_depth > 0 else cfg.text.width
     raise NeedError(f"'{name}' has no fixed width")
 
 
@@ -123,11 +123,12 @@ class ImageTextModel(nn.Module):
         if "image_embed" in names and p.contrastive in ("cascade", "parallel"):
             self.con_pool = AttentionPool(v.width, p.heads or v.heads, 1)
         self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in names else None
-        self.text_proj = nn.Linear(t.width, cfg.embed_dim, bias=False) if "text_embed" in names else None
+        text_width = d.width if self.text_from_decoder else t.width
+        self.text_proj = nn.Linear(text_width, cfg.embed_dim, bias=False) if "text_embed" in names else None
         if self.image_proj is not None:
             nn.init.normal_(self.image_proj.weight, std=pool_width**-0.5)
         if self.text_proj is not None:
-            nn.init.normal_(self.text_proj.weight, std=t.width**-0.5)
+            nn.init.normal_(self.text_proj.weight, std=text_width**-0.5)
         self.locked: set[str] = set()
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
