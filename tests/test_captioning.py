@@ -306,3 +306,18 @@ def test_the_decoder_is_half_the_encoders_depth_at_its_width_unless_set():
     cfg = config.resolve("cap", ["model=micro", "model.vision.width=96", "model.vision.heads=3", "model.vision.depth=4"])
     decoder = ImageTextModel(cfg.model, Vocab(V, PAD, SOT, EOT, MASK), frozenset({"caption_logits"})).decoder
     assert len(decoder.multimodal) == 2 and decoder.token_embed.embedding_dim == 96 and decoder.heads == 3
+
+
+@pytest.mark.parametrize("family", [("cap", "cappa", "coca"), ("cap-flickr8k", "cappa-flickr8k", "coca-flickr8k")])
+def test_captioner_recipes_of_a_family_differ_only_in_their_method(family):
+    """Cap vs CapPa: only the objective; CoCa adds its own objective and decoder layout, nothing else."""
+    cap, cappa, coca = (config.to_dict(config.resolve(r)) for r in family)
+    for d in (cap, cappa, coca):
+        d.pop("recipe")
+    assert {k: v for k, v in cap.items() if k != "objectives"} == {k: v for k, v in cappa.items() if k != "objectives"}
+    assert cap["objectives"]["captioning"] | {"parallel_prob": 0.75} == cappa["objectives"]["captioning"]
+    for section in ("data", "views", "train", "tokenizer", "checkpoint"):
+        assert coca[section] == cap[section], section
+    method = {"unimodal_depth", "depth"}  # CoCa's split of the decoder into text-only and multimodal layers
+    assert {k: v for k, v in coca["model"]["decoder"].items() if k not in method} == \
+           {k: v for k, v in cap["model"]["decoder"].items() if k not in method}
