@@ -86,3 +86,22 @@ def test_random_resized_crop():
     b = random_resized_crop(x, (0.3, 0.6), torch.Generator().manual_seed(1))
     assert a.shape == (3, 3, 16, 16) and torch.equal(a, b) and not torch.allclose(a, x.float())
     assert a.min() >= 0 and a.max() <= 255
+
+
+def test_learned_tokens_and_pooler_queries_get_no_weight_decay():
+    """As open_clip excludes its class embedding: [CLS] tokens and attention-pooler queries are not decayed."""
+    cfg = config.resolve("coca", ["model=micro", "train.steps=1", "model.vision.pool=cls",
+                                  "model.poolers.generative_queries=4"])
+    from vlpt.train.pretrainer import build
+
+    module = build(cfg, Vocab(50))
+    decay, no_decay = param_groups(module, 0.1)
+    names = {id(p): n for n, p in module.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert {"model.visual.cls_token", "model.decoder.cls_token", "model.gen_pool.query", "model.con_pool.query",
+            "objectives.contrastive.log_scale", "model.visual.ln_pre.weight", "model.decoder.head.bias"} <= no_decay_names
+    assert {"model.visual.pos_embed", "model.decoder.pos_embed", "model.decoder.token_embed.weight",
+            "model.visual.transformer.blocks.0.attn.qkv.weight", "model.image_proj.weight",
+            "model.decoder.head.weight"} <= decay_names
+    assert all(names[id(p)].endswith(("weight", "pos_embed")) for p in decay["params"])

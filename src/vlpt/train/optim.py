@@ -1,4 +1,5 @@
-"""AdamW with no weight decay on 1-D parameters (biases, norm gains, temperatures); warm-up + cosine."""
+"""AdamW with no weight decay on 1-D parameters (biases, norm gains, temperatures) and on learned tokens and
+queries ([CLS] tokens, attention-pooler queries: parameters named `*_token` or `query`); warm-up + cosine."""
 from __future__ import annotations
 
 import math
@@ -9,13 +10,19 @@ from torch import nn
 from vlpt.config import TrainConfig
 
 
+def decays(name: str, p: nn.Parameter) -> bool:
+    """1-D tensors are biases, norm gains and scalars such as the log-temperature; tokens and queries are
+    inputs the model learns, not weights (open_clip likewise excludes its class embedding)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return p.ndim >= 2 and not (leaf.endswith("_token") or leaf == "query")
+
+
 def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only: a locked tower has no optimiser state."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        # 1-D tensors are biases, norm gains and scalars such as the log-temperature
-        (no_decay if p.ndim < 2 else decay).append(p)
+        if p.requires_grad:
+            (decay if decays(name, p) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
