@@ -105,3 +105,15 @@ def test_learned_tokens_and_pooler_queries_get_no_weight_decay():
             "model.visual.transformer.blocks.0.attn.qkv.weight", "model.image_proj.weight",
             "model.decoder.head.weight"} <= decay_names
     assert all(names[id(p)].endswith(("weight", "pos_embed")) for p in decay["params"])
+
+
+def test_accumulation_divides_each_process_batch(tmp_path, monkeypatch):
+    """batch 40 on 4 processes is 10 each: 4 micro-batches would split it 3/3/3/1 (and weigh them equally)."""
+    from vlpt.train import distributed, loop
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 4)  # the check comes before any collective
+    cfg = config.resolve("clip", ["model=micro", "train.steps=1", "train.batch_size=40", "train.accum_steps=4",
+                                  "eval.tasks=[]"])
+    with pytest.raises(config.ConfigError, match="10 per process, which train.accum_steps=4 does not divide"):
+        loop.train(cfg, tmp_path, progress=False)
+    assert not (tmp_path / "checkpoints").exists()

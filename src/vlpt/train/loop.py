@@ -46,6 +46,18 @@ def total_steps(cfg: Config, num_captions: int) -> int:
     return max(1, math.ceil(tr.samples / tr.batch_size))
 
 
+def check_batch_split(cfg: Config, world: int) -> None:
+    """Each process takes batch_size / world examples and splits them into accum_steps equal micro-batches."""
+    b, a = cfg.train.batch_size, cfg.train.accum_steps
+    if b % world:
+        raise ConfigError(f"train.batch_size={b} does not split over {world} processes; pick a multiple of {world}, "
+                          f"e.g. train.batch_size={b + world - b % world}")
+    if (b // world) % a:
+        fit = world * a * max(1, round(b / (world * a)))
+        raise ConfigError(f"train.batch_size={b} on {world} processes is {b // world} per process, which "
+                          f"train.accum_steps={a} does not divide; pick e.g. train.batch_size={fit}")
+
+
 def _prepare_run_dir(cfg: Config, run_dir: Path, last: Path | None) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.tidy(run_dir / "checkpoints", last)
@@ -65,6 +77,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     """
     device = distributed.setup()
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    check_batch_split(cfg, world)
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
