@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlpt.data.sources import BadDataError
+from vlpt.train.logging import MetricsLog
 
 
 class TrainingStopped(RuntimeError):
@@ -30,19 +31,19 @@ class BadImageBudget:
 
 
 class NonFiniteStreak:
-    """Counts steps skipped for a non-finite loss or gradient; `limit` in a row stop the run."""
+    """Counts steps skipped for a non-finite loss or gradient (logged); `limit` in a row stop the run."""
 
-    def __init__(self, counters: dict, limit: int):
-        self.counters, self.limit, self.length = counters, limit, 0
+    def __init__(self, counters: dict, limit: int, log: MetricsLog):
+        self.counters, self.limit, self.log, self.length = counters, limit, log, 0
 
-    def add(self, updated: bool) -> None:
+    def add(self, updated: bool, step: int, newest: Path | None) -> None:
         if updated:
             self.length = 0
-        else:
-            self.length += 1
-            self.counters["nonfinite_steps"] += 1
-
-    def check(self, step: int, newest: Path | None) -> None:
+            return
+        self.length += 1
+        self.counters["nonfinite_steps"] += 1
+        self.log.write(step, "train", {"nonfinite_steps": self.counters["nonfinite_steps"],
+                                       "nonfinite_in_a_row": self.length})
         if self.length >= self.limit:
             first = step - self.length + 1
             raise TrainingStopped(

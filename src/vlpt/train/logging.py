@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 
@@ -41,3 +42,27 @@ class MetricsLog:
         if self.tb is not None:
             self.tb.close()
 
+
+
+class StepLog:
+    """The training rows of metrics.jsonl (every `every` steps and the last) and the progress bar's figures;
+    samples/s is measured over the steps since the last row."""
+
+    def __init__(self, log: MetricsLog, bar, every: int, total: int, samples_per_epoch: int, batch_size: int):
+        self.log, self.bar, self.every, self.total = log, bar, every, total
+        self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
+        self.since, self.samples = time.perf_counter(), 0
+
+    def __call__(self, step: int, result, samples: int, lr: float, counters: dict) -> None:
+        self.samples += samples
+        if result.updated and (step % self.every == 0 or step == self.total):
+            rate = self.samples / (time.perf_counter() - self.since)
+            self.log.write(step, "train", {
+                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "samples_per_s": rate,
+                "epoch": step * self.batch_size / self.samples_per_epoch, "nonfinite_steps": counters["nonfinite_steps"],
+                **{k: float(v) for k, v in result.metrics.items()}})
+            if counters["bad_images"]:
+                self.log.write(step, "data", {"bad_images": counters["bad_images"], "images_seen": counters["images"]})
+            self.bar.set_postfix(loss=f"{result.loss:.3f}", samples_s=f"{rate:.0f}")
+            self.since, self.samples = time.perf_counter(), 0
+        self.bar.update(1)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import signal
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from vlpt.train import checkpoint, distributed
 from vlpt.train.data import load_training_data, make_tokenizer, tokenize
 from vlpt.train.evaluation import EvalPlan
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
-from vlpt.train.logging import MetricsLog
+from vlpt.train.logging import MetricsLog, StepLog
 from vlpt.train.optim import build_optimizer, warmup_cosine
 from vlpt.train.pretrainer import build
 from vlpt.train.resume import RunState, resume_checkpoint, seed_everything, trim_metrics
@@ -123,11 +122,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     log.write(start, "data", {"images": data.num_images, "captions": len(data), "bad_images": len(bad),
                               "long_captions": long_captions, **{k: len(i.names) for k, i in data.issues.items()}})
     bad_images = BadImageBudget(counters, cfg.data.max_bad_fraction)
-    streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps)
+    streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps, log)
     bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfg.recipe}", unit="step",
                dynamic_ncols=True)
+    step_log = StepLog(log, bar, cfg.train.log_every, steps, len(data), cfg.train.batch_size)
     eval_model = Model(module.model, tokenizer, device)
-    window_t, window_n = time.perf_counter(), 0
     module.train()
     try:
         with StopSignals() as signals:
@@ -139,29 +138,13 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                 batch = to_device(batch, device)
                 batch.update(image_views(batch["image"], step))  # views on the device the batch trains on
                 result = train_step(parts, batch, done, steps, flags=signals.flags)
-                term, intr = result.flags
-                streak.add(result.updated)
-                if not result.updated:  # no checkpoint is written until a finite step
-                    log.write(done, "train", {"nonfinite_steps": counters["nonfinite_steps"],
-                                              "nonfinite_in_a_row": streak.length})
-                    streak.check(done, state.newest)
-                window_n += len(batch["text"]) * world
-                if result.updated and (done % cfg.train.log_every == 0 or done == steps):
-                    rate = window_n / (time.perf_counter() - window_t)
-                    log.write(done, "train", {
-                        "loss": result.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": result.grad_norm,
-                        "samples_per_s": rate, "epoch": done * cfg.train.batch_size / len(data),
-                        "nonfinite_steps": counters["nonfinite_steps"],
-                        **{k: float(v) for k, v in result.metrics.items()}})
-                    if counters["bad_images"]:
-                        log.write(done, "data", {"bad_images": counters["bad_images"], "images_seen": counters["images"]})
-                    bar.set_postfix(loss=f"{result.loss:.3f}", samples_s=f"{rate:.0f}")
-                    window_t, window_n = time.perf_counter(), 0
-                bar.update(1)
+                streak.add(result.updated, done, state.newest)  # no checkpoint is written during a streak
+                step_log(done, result, len(batch["text"]) * world, scheduler.get_last_lr()[0], counters)
                 if streak.length == 0 and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 \
                         and done != steps:
                     state.save(done)
                 evaluation.periodic(eval_model, done, steps, log)
+                term, intr = result.flags
                 if term or intr:
                     if streak.length == 0 and state.newest != state.path(done):
                         state.save(done)
