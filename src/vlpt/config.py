@@ -472,7 +472,7 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
-    from vlpt.models.model import split_need
+    from vlpt.models.outputs import split_need
 
     views = cfg.views
     for key in ("image", "image_views"):
@@ -501,7 +501,7 @@ def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
 
 
 def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:
-    from vlpt.models.model import towers_of
+    from vlpt.models.outputs import towers_of
 
     towers = towers_of(cfg.model, frozenset().union(*needs.values()))
     for name in cfg.model.lock:
@@ -522,23 +522,18 @@ def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:
 
 
 def _validate_eval(cfg: Config) -> None:
-    from vlpt.eval.registry import TaskError, parse_task
-
+    """Periods only: the tasks themselves are checked against the model and opened when a run starts
+    (vlpt.train.evaluation.EvalPlan), before its first step."""
     for i, t in enumerate(cfg.eval.tasks):
         if t.every_steps is not None and t.every_steps < 0:
             raise ConfigError(f"eval.tasks[{i}].every_steps={t.every_steps} must be >= 0")
-        if t.task != "auto":
-            try:
-                parse_task(t.task)
-            except TaskError as err:
-                raise ConfigError(f"eval.tasks[{i}]: {err}") from None
     if cfg.eval.every_steps < 0:
         raise ConfigError(f"eval.every_steps={cfg.eval.every_steps} must be >= 0")
 
 
 def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     """Every objective must read outputs the model has, from towers it has."""
-    from vlpt.models.model import NeedError, split_need
+    from vlpt.models.outputs import NeedError, split_need
 
     base = {}
     for name, need in needs.items():

@@ -8,7 +8,7 @@ from vlpt.data.dataset import ImageTextSet
 from vlpt.eval.captioning import caption_metrics
 from vlpt.eval.data import load_decoded, need_labels, references_by_image
 from vlpt.eval.registry import EvalOptions, Evaluator, batched, register
-from vlpt.eval.zeroshot import topk_accuracy
+from vlpt.eval.zeroshot import accuracies
 
 DECODER_BATCH = 64  # images per decoder call: beam search and class scoring multiply the work per image
 
@@ -59,11 +59,7 @@ class ZeroShotCaptioner(Evaluator):
         bs = min(options.batch_size, DECODER_BATCH)
         scores = batched(lambda a, b: model.score_texts(images[a:b], names, prompt="", normalize=False).float().cpu(),
                          len(images), bs, options.progress, "scoring classes")
-        logits = torch.cat(scores)
-        out = {"top1": topk_accuracy(logits, labels, 1)}
-        if len(names) > 5:
-            out["top5"] = topk_accuracy(logits, labels, 5)
-        return out
+        return accuracies(torch.cat(scores), labels)
 
 
 @register("caption_loss")

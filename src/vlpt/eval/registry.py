@@ -101,7 +101,7 @@ def _is_import_path(module: str, rest: str) -> bool:
 
 def parse_task(task: str) -> tuple[type[Evaluator], str]:
     """"KIND:DATA" or "module.path:Class:DATA" -> (the evaluator class, DATA)."""
-    from vlpt.objectives import import_class
+    from vlpt.plugins import import_class
 
     head, _, rest = task.partition(":")
     if head not in kinds() and _is_import_path(head, rest):

@@ -53,9 +53,13 @@ def zeroshot_classify(
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     weights = classifier_weights(encode_texts, classnames, templates, batch_size, progress)
     feats = F.normalize(encode_batched(encode_images, images, batch_size, progress, "images"), dim=-1)
-    logits = feats @ weights.T
+    return accuracies(feats @ weights.T, labels)
+
+
+def accuracies(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """{"top1": %, "top5": %} of class scores [N,C]; top5 only with more than 5 classes."""
     out = {"top1": topk_accuracy(logits, labels, 1)}
-    if len(classnames) > 5:
+    if logits.shape[1] > 5:
         out["top5"] = topk_accuracy(logits, labels, 5)
     return out
 

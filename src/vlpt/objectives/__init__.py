@@ -5,7 +5,6 @@ Adding a method = adding an objective (and a recipe), never editing the loop or 
 from __future__ import annotations
 
 import difflib
-import importlib
 
 from vlpt.objectives.base import Objective
 from vlpt.objectives.captioning import Captioning
@@ -19,23 +18,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
 }
 
 
-def import_class(path: str, base: type, what: str):
-    """"package.module:Class" -> the class, which must subclass `base`; ValueError says what is wrong."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"cannot import module '{module_name}' for {what} '{path}' ({err}); "
-                         f"is it installed or on PYTHONPATH?") from None
-    cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, base)):
-        raise ValueError(f"'{path}' is not a {base.__module__}.{base.__name__} subclass")
-    return cls
-
-
 def objective_class(name: str) -> type[Objective]:
     """A built-in objective by name, or any Objective subclass by "module.path:Class"."""
     from vlpt.config import ConfigError
+    from vlpt.plugins import import_class
 
     if ":" in name:
         try:
@@ -50,4 +36,4 @@ def objective_class(name: str) -> type[Objective]:
     return OBJECTIVES[name]
 
 
-__all__ = ["OBJECTIVES", "Objective", "objective_class", "import_class"]
+__all__ = ["OBJECTIVES", "Objective", "objective_class"]

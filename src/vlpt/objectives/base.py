@@ -1,7 +1,7 @@
 """The objective contract. An objective is an nn.Module that
 
 - declares the model outputs it reads (`needs`: names such as "image_embed" or "image_pooled@image_views",
-  see vlpt.models.model), and its typed `Options` (checked with the config: a wrong key or type names it);
+  see vlpt.models.outputs), and its typed `Options` (checked with the config: a wrong key or type names it);
 - owns whatever parameters it needs (a temperature, projector MLPs, predictors, prototypes, a decoder),
   built in __init__ from the model config's widths (`output_width`) and the vocabulary;
 - may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs

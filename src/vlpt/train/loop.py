@@ -22,7 +22,7 @@ from vlpt.config import Config, ConfigError
 from vlpt.data.loader import StepBatches, batch_iterator
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
-from vlpt.models.model import abilities_of
+from vlpt.models.outputs import abilities_of
 from vlpt.train import checkpoint, distributed
 from vlpt.train.data import load_training_data, make_tokenizer, tokenize
 from vlpt.train.evaluation import EvalPlan

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from vlpt.config import TOWERS, ConfigError, TowerInitConfig
-from vlpt.models.model import TOWER_MODULES as MODULES
+from vlpt.models.outputs import TOWER_MODULES as MODULES
 from vlpt.models.model import ImageTextModel
 from vlpt.train import checkpoint
 

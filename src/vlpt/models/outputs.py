@@ -1,0 +1,89 @@
+"""What objectives can read from the model, and which towers and abilities that implies.
+
+An objective names what it reads as `OUTPUT` or `OUTPUT@VIEW`:
+  image_tokens   the image encoder's tokens after its final LN (no [CLS])       [B,N,W]
+  image_pooled   the pooled, unprojected image feature (model.vision.pool; what probes read)  [B,W]
+  image_embed    the pooled feature projected to the shared space, unit norm  [B,D]
+  text_tokens    the text tower's tokens after its final LN                    [B,L,Wt]
+  text_features  the text tower's feature at <eot> (a CoCa decoder: its [CLS]) [B,Wt]
+  text_embed     the text feature projected to the shared space, unit norm    [B,D]
+  caption_logits the caption decoder's next-token logits, and caption_mask (real target tokens)
+and the views: none (batch["image"], batch["text"]); `image_views` / `text_views` (the recipe's extra views,
+batch[VIEW] [V,B,...]; outputs gain the leading V); `masked` (image outputs of only the patches
+batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # only a type here: config imports this module to check recipes
+    from vlpt.config import ModelConfig
+
+IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
+TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
+OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | {"caption_logits"}
+VIEWS = {None: OUTPUTS, "image_views": IMAGE_OUTPUTS, "masked": IMAGE_OUTPUTS, "text_views": TEXT_OUTPUTS}
+CONTRASTIVE = frozenset({"image_embed", "text_embed"})
+TOWER_MODULES = {"vision": "visual", "text": "text", "decoder": "decoder"}  # tower -> ImageTextModel attribute
+
+
+class NeedError(ValueError):
+    """An objective asked for an output or view that does not exist."""
+
+
+def split_need(need: str) -> tuple[str, str | None]:
+    """"image_embed@image_views" -> ("image_embed", "image_views"); a plain name has view None."""
+    name, _, view = need.partition("@")
+    view = view or None
+    if name not in OUTPUTS:
+        raise NeedError(f"unknown model output '{name}'; outputs: {', '.join(sorted(OUTPUTS))}")
+    if view not in VIEWS:
+        raise NeedError(f"unknown view '{view}' in '{need}'; views: {', '.join(v for v in VIEWS if v)}")
+    if name not in VIEWS[view]:
+        raise NeedError(f"'{need}': the view {view} has only {', '.join(sorted(VIEWS[view]))}")
+    return name, view
+
+
+def _text_from_decoder(cfg: ModelConfig, names: set[str]) -> bool:
+    """A decoder with unimodal layers is the text tower too (CoCa): its [CLS] output is the text feature."""
+    return "caption_logits" in names and cfg.decoder.unimodal_depth > 0
+
+
+def towers_of(cfg: ModelConfig, needs: frozenset[str]) -> set[str]:
+    """The towers (vision, text, decoder) a model with these needs has."""
+    names = {split_need(n)[0] for n in needs}
+    towers = set()
+    if names & IMAGE_OUTPUTS or ("caption_logits" in names and not cfg.decoder.blind):
+        towers.add("vision")
+    if "caption_logits" in names:
+        towers.add("decoder")
+    if names & TEXT_OUTPUTS and not _text_from_decoder(cfg, names):
+        towers.add("text")
+    return towers
+
+
+def abilities_of(cfg: ModelConfig, needs: frozenset[str]) -> frozenset[str]:
+    """What evaluators may ask of such a model: image_tokens, image_features (pooled), image_embed,
+    text_embed (both: a contrastive model), caption (a caption decoder)."""
+    names = {split_need(n)[0] for n in needs}
+    towers = towers_of(cfg, needs)
+    out = set(names & CONTRASTIVE)
+    if "vision" in towers:
+        out |= {"image_tokens", "image_features"}
+    if "decoder" in towers:
+        out.add("caption")
+    return frozenset(out)
+
+
+def output_width(cfg: ModelConfig, name: str) -> int:
+    """The last dimension of an output, for objectives that build heads on it."""
+    name = split_need(name)[0]
+    if name in ("image_embed", "text_embed"):
+        return cfg.embed_dim
+    if name == "image_pooled" and cfg.poolers.contrastive == "first" and cfg.poolers.style == "open_clip":
+        return cfg.embed_dim
+    if name in IMAGE_OUTPUTS:
+        return cfg.vision.width
+    if name in TEXT_OUTPUTS:  # a decoder with unimodal layers is the text tower of a captioning recipe (CoCa)
+        return cfg.decoder.width if cfg.decoder.unimodal_depth > 0 else cfg.text.width
+    raise NeedError(f"'{name}' has no fixed width")
