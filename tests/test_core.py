@@ -3,7 +3,7 @@ plug-ins by import path, towers that start from weights or stay locked, evaluati
 import json
 import math
 import re
-import textwrap
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,6 +235,10 @@ def test_a_locked_text_tower_started_from_a_run_stays_bit_identical(tmp_path):
     in_optimizer = sum(len(g["params"]) for g in state["optimizer"]["param_groups"])
     trainable = [k for k in after if not k.startswith("model.text.")]
     assert in_optimizer == len(trainable) and len(state["optimizer"]["state"]) == len(trainable)
+    shutil.rmtree(source)  # a trained run no longer needs the weights it started from
+    import vlpt
+
+    assert vlpt.load(lit).encode_text(["a red circle"]).shape == (1, 64)
 
 
 def test_the_guides_lit_example_reads_a_cap_encoder_out_contrastively(tmp_path):
@@ -259,7 +263,9 @@ def test_tower_init_checks_names_and_shapes(tmp_path):
     with pytest.raises(config.ConfigError, match="model.lock names the text tower, which this recipe does not have"):
         config.resolve("cap", MICRO + ["train.steps=1", "model.lock=[text]"])
     with pytest.raises(config.ConfigError, match="no such run folder"):
-        config.resolve("clip", MICRO + ["train.steps=1", "model.init.vision=/no/such/run"])
+        loop.train(config.resolve("clip", MICRO + ["train.steps=1", "model.init.vision=/no/such/run"]),
+                   tmp_path / "y", progress=False)
+    assert not (tmp_path / "y").exists()  # before any work
 
 
 # ------------------------------------------------------------------------------- evaluation during runs

@@ -510,15 +510,10 @@ def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:
         if name not in towers:
             raise ConfigError(f"model.lock names the {name} tower, which this recipe does not have "
                               f"(its towers: {', '.join(sorted(towers)) or 'none'})")
-    for name in TOWERS:
-        path = getattr(cfg.model.init, name)
-        if path is None:
-            continue
-        if name not in towers:
+    for name in TOWERS:  # the files themselves are read when a run starts (a trained run no longer needs them)
+        if getattr(cfg.model.init, name) is not None and name not in towers:
             raise ConfigError(f"model.init.{name} is set, but this recipe has no {name} tower "
                               f"(its towers: {', '.join(sorted(towers)) or 'none'})")
-        if not Path(path).expanduser().exists():
-            raise ConfigError(f"model.init.{name}={path}: no such run folder or safetensors file")
 
 
 def _validate_eval(cfg: Config) -> None:

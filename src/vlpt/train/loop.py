@@ -33,7 +33,7 @@ from vlpt.train.pretrainer import build
 from vlpt.train.resume import RunState, resume_checkpoint, seed_everything, trim_metrics
 from vlpt.train.signals import Interrupted, StopSignals
 from vlpt.train.step import StepParts, autocast_dtype, to_device, train_step
-from vlpt.train.towers import init_towers, lock_towers
+from vlpt.train.towers import check_sources, init_towers, lock_towers
 
 
 def total_steps(cfg: Config, num_captions: int) -> int:
@@ -82,6 +82,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
     needs = frozenset().union(*config_lib.objective_needs(cfg).values())
     evaluation = EvalPlan(cfg, abilities_of(cfg.model, needs))  # a typo or a missing file fails in seconds
+    if last is None:
+        check_sources(cfg.model.init)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:

@@ -23,6 +23,8 @@ from vlpt.train import checkpoint
 def source_file(path: str | Path) -> Path:
     """The safetensors file behind a run folder, checkpoint folder or file."""
     path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"cannot read weights from {path}: no such run folder or safetensors file")
     if path.is_file():
         return path
     try:
@@ -48,6 +50,13 @@ def tower_weights(path: str | Path, module: str) -> dict[str, torch.Tensor]:
         if found:
             return found
     raise ConfigError(f"{path} holds no tensors of a {module} tower (no keys model.{module}.* or {module}.*)")
+
+
+def check_sources(init: TowerInitConfig) -> None:
+    """Every model.init source is there and readable (before a run does any work)."""
+    for tower in TOWERS:
+        if getattr(init, tower) is not None:
+            source_metadata(getattr(init, tower))
 
 
 def init_towers(model: ImageTextModel, init: TowerInitConfig) -> None:
