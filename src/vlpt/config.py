@@ -4,19 +4,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import yaml
 
+from vlpt.typed import ConfigError, build
+
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
 
 
 @dataclass
@@ -266,91 +262,6 @@ def deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _valid_keys(cls, prefix="") -> list[str]:
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        keys.append(name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += _valid_keys(hints[f.name], name + ".")
-    return keys
-
-
-def _unknown(key: str, candidates: list[str] | None = None) -> ConfigError:
-    near = difflib.get_close_matches(key, candidates or _valid_keys(Config), n=1, cutoff=0.5)
-    hint = f"; did you mean '{near[0]}'?" if near else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
-
-
-def build_section(cls, raw: dict, prefix: str):
-    """A dataclass that is not part of Config (an objective's Options) from a mapping, checked like the
-    config: an unknown key names the nearest key of this dataclass, a wrong type names the key."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in names:
-            raise _unknown(prefix + k, [prefix + v for v in _valid_keys(cls)] or [prefix])
-    return _build(cls, raw, prefix)
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        return _coerce(value, next(a for a in args if a is not type(None)), key)
-    if dataclasses.is_dataclass(tp):
-        shorthand = getattr(tp, "SHORTHAND", None)
-        if shorthand and isinstance(value, str):  # `- zeroshot:scenes:colour` = `- {task: zeroshot:scenes:colour}`
-            value = {shorthand: value}
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"'{key}' must be a mapping, got {value!r}")
-        _, vt = typing.get_args(tp)
-        return {k: _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        (it,) = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        return [_coerce(v, it, key) for v in value]
-    if tp is Any:
-        return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"'{key}' must be true or false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"'{key}' must be a number, got {value!r}")
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"'{key}' must be a number, got {value!r}") from None
-        if tp is int:
-            if number != int(number):
-                raise ConfigError(f"'{key}' must be a whole number, got {value!r}")
-            return int(number)
-        return number
-    if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"'{key}' must be a string, got {value!r}")
-        return str(value)
-    raise TypeError(f"unsupported config type {tp} for {key}")
-
-
-def _build(cls, raw: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in names:
-            raise _unknown(prefix + k)
-    return cls(**{k: _coerce(v, hints[k], prefix + k) for k, v in raw.items()})
-
-
 def _objectives(raw: dict) -> dict:
     """`objectives: {contrastive: {weight: 1, local_loss: true}}`: everything but weight is an option."""
     out = {}
@@ -404,7 +315,7 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
         raise ConfigError(f"unknown model preset '{preset}' (model=...).{hint} Presets: {', '.join(PRESETS)}")
     raw["model"] = deep_merge(PRESETS[preset], model)
     raw["objectives"] = _objectives(raw.get("objectives"))
-    cfg = _build(Config, raw)
+    cfg = build(Config, raw)
     validate(cfg)
     return cfg
 
@@ -591,7 +502,7 @@ def from_dict(d: dict) -> Config:
         if key not in decoder and key in text:
             decoder[key] = text[key]
     d["objectives"] = _objectives(d.get("objectives"))
-    cfg = _build(Config, d)
+    cfg = build(Config, d)
     validate(cfg)
     return cfg
 

@@ -7,7 +7,8 @@ import torch
 from vlpt.data.dataset import ImageTextSet
 from vlpt.eval.captioning import caption_metrics
 from vlpt.eval.data import load_decoded, need_labels, references_by_image
-from vlpt.eval.registry import EvalOptions, Evaluator, batched, register
+from vlpt.eval.batching import batched
+from vlpt.eval.registry import EvalOptions, Evaluator, register
 from vlpt.eval.zeroshot import accuracies
 
 DECODER_BATCH = 64  # images per decoder call: beam search and class scoring multiply the work per image

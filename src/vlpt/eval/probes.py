@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from vlpt.eval import encode_batched
+from vlpt.eval.batching import encode_batched
 from vlpt.eval.data import load_decoded, need_labels
 from vlpt.eval.registry import EvalOptions, Evaluator, TaskError, register
 

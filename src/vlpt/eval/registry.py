@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 
 class EvalModel(Protocol):
@@ -77,13 +76,8 @@ def register(name: str) -> Callable[[type[Evaluator]], type[Evaluator]]:
     return add
 
 
-def _builtins() -> None:
-    """The built-in evaluators register themselves on import."""
-    from vlpt.eval import zeroshot, retrieval, probes, captioner  # noqa: F401  (this order is the listing order)
-
-
 def kinds() -> list[str]:
-    _builtins()
+    """The registered kinds (the built-in ones register when vlpt.eval is imported)."""
     return list(EVALUATORS)
 
 
@@ -160,13 +154,6 @@ def run_suite(tasks: Sequence[str], model, **kw) -> dict[str, float]:
     for task in tasks:
         out.update(run_task(task, model, **kw))
     return out
-
-
-def batched(fn: Callable, n: int, batch_size: int, progress: bool, desc: str) -> list:
-    """[fn(start, stop) for each batch] under no_grad, with a progress bar."""
-    with torch.no_grad():
-        return [fn(a, min(a + batch_size, n))
-                for a in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)]
 
 
 def write_samples(samples: dict[str, list[dict]], path: str | Path) -> Path:

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from vlpt.eval import encode_batched
+from vlpt.eval.batching import encode_batched
 from vlpt.eval.data import load_decoded
 from vlpt.eval.registry import EvalOptions, Evaluator, register
 

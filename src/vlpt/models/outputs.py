@@ -14,10 +14,7 @@ batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # only a type here: config imports this module to check recipes
-    from vlpt.config import ModelConfig
+# `cfg` below is a vlpt.config.ModelConfig; this module imports nothing, since config imports it to check recipes
 
 IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
 TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
@@ -44,12 +41,12 @@ def split_need(need: str) -> tuple[str, str | None]:
     return name, view
 
 
-def _text_from_decoder(cfg: ModelConfig, names: set[str]) -> bool:
+def _text_from_decoder(cfg, names: set[str]) -> bool:
     """A decoder with unimodal layers is the text tower too (CoCa): its [CLS] output is the text feature."""
     return "caption_logits" in names and cfg.decoder.unimodal_depth > 0
 
 
-def towers_of(cfg: ModelConfig, needs: frozenset[str]) -> set[str]:
+def towers_of(cfg, needs: frozenset[str]) -> set[str]:
     """The towers (vision, text, decoder) a model with these needs has."""
     names = {split_need(n)[0] for n in needs}
     towers = set()
@@ -62,7 +59,7 @@ def towers_of(cfg: ModelConfig, needs: frozenset[str]) -> set[str]:
     return towers
 
 
-def abilities_of(cfg: ModelConfig, needs: frozenset[str]) -> frozenset[str]:
+def abilities_of(cfg, needs: frozenset[str]) -> frozenset[str]:
     """What evaluators may ask of such a model: image_tokens, image_features (pooled), image_embed,
     text_embed (both: a contrastive model), caption (a caption decoder)."""
     names = {split_need(n)[0] for n in needs}
@@ -75,7 +72,7 @@ def abilities_of(cfg: ModelConfig, needs: frozenset[str]) -> frozenset[str]:
     return frozenset(out)
 
 
-def output_width(cfg: ModelConfig, name: str) -> int:
+def output_width(cfg, name: str) -> int:
     """The last dimension of an output, for objectives that build heads on it."""
     name = split_need(name)[0]
     if name in ("image_embed", "text_embed"):

@@ -20,8 +20,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
 
 def objective_class(name: str) -> type[Objective]:
     """A built-in objective by name, or any Objective subclass by "module.path:Class"."""
-    from vlpt.config import ConfigError
     from vlpt.plugins import import_class
+    from vlpt.typed import ConfigError
 
     if ":" in name:
         try:

@@ -17,8 +17,8 @@ import dataclasses
 import torch
 from torch import nn
 
-from vlpt.config import ModelConfig
 from vlpt.data.tokenizer import Vocab
+from vlpt.typed import build
 
 
 def fp32(like: torch.Tensor):
@@ -33,9 +33,10 @@ class Objective(nn.Module):
     class Options:
         pass
 
-    def __init__(self, options: dict | None = None, model: ModelConfig | None = None, vocab: Vocab | None = None):
-        """options: this objective's keys of the recipe; model: the model config (widths); vocab: the
-        tokenizer's size and special ids. Subclasses build their heads after calling this."""
+    def __init__(self, options: dict | None = None, model=None, vocab: Vocab | None = None):
+        """options: this objective's keys of the recipe; model: the vlpt.config.ModelConfig (widths, see
+        vlpt.models.outputs.output_width); vocab: the tokenizer's size and special ids. Subclasses build their
+        heads after calling this."""
         super().__init__()
         self.opts = self.parse_options(options or {})
         self.model_cfg, self.vocab = model, vocab
@@ -44,9 +45,7 @@ class Objective(nn.Module):
     @classmethod
     def parse_options(cls, options: dict, prefix: str = "options"):
         """The typed Options of a recipe's dict; a ConfigError names an unknown key or a wrong type."""
-        from vlpt.config import build_section
-
-        return build_section(cls.Options, dict(options), prefix + ".")
+        return build(cls.Options, dict(options), prefix + ".")
 
     @classmethod
     def needs_for(cls, options) -> frozenset[str]:
