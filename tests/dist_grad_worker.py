@@ -36,8 +36,7 @@ def grads(module: torch.nn.Module) -> dict:
     return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
-def main(out: str, objective: str, local_loss: str) -> None:
-    distributed.setup()
+def save_rank0_grads(out: str, objective: str, local_loss: str) -> None:
     rank, world = distributed.rank(), distributed.world_size()
     options = {"local_loss": local_loss == "1"} if objective == "contrastive" else {}
     module = make(objective, options)
@@ -48,6 +47,13 @@ def main(out: str, objective: str, local_loss: str) -> None:
     loss.backward()
     if rank == 0:
         torch.save(grads(module), out)
+
+
+def main(out: str, objective: str, local_loss: str) -> None:
+    distributed.setup()
+    # DDP's reducer holds the process group: it must be freed (on return) before the group is destroyed, or
+    # gloo's threads are torn down during interpreter exit and can abort the process.
+    save_rank0_grads(out, objective, local_loss)
     distributed.teardown()
 
 
