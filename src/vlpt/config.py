@@ -341,6 +341,11 @@ def objective_needs(cfg: Config) -> dict[str, frozenset[str]]:
     return needs
 
 
+def model_needs(cfg: Config) -> frozenset[str]:
+    """Everything the recipe's objectives read from the model together."""
+    return frozenset().union(*objective_needs(cfg).values())
+
+
 def validate(cfg: Config) -> None:
     """Raises ConfigError naming the key and the fix; fills the values derived from others (the decoder's
     unset shape)."""

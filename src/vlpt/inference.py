@@ -90,10 +90,6 @@ class Model:
         return self.model.abilities
 
     @property
-    def has_text_embed(self) -> bool:
-        return self.model.has_text_embed
-
-    @property
     def has_decoder(self) -> bool:
         return self.model.has_decoder
 

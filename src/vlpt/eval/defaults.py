@@ -5,6 +5,8 @@ A model with a text embedding (CLIP-like, CoCa) gets the contrastive tasks; a mo
 """
 from __future__ import annotations
 
+from vlpt.models.outputs import CONTRASTIVE
+
 SCENES_SUITE = [
     "zeroshot:scenes:colour_shape",
     "zeroshot:scenes:colour",
@@ -23,9 +25,6 @@ def _flickr8k_test(source: str) -> str:
     rest = source.partition(":")[2]
     path = rest.split(":")[0] if rest and rest.split(":")[0] not in ("train", "dev", "test", "all") else ""
     return f"flickr8k:{path}:test" if path else "flickr8k:test"
-
-
-CONTRASTIVE = frozenset({"image_embed", "text_embed"})
 
 
 def auto_tasks(source: str, abilities: frozenset[str] = CONTRASTIVE) -> list[str]:

@@ -13,8 +13,8 @@ from vlpt.config import ModelConfig
 from vlpt.data.tokenizer import Vocab
 from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.layers import AttentionPool
-from vlpt.models.outputs import (CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES, _text_from_decoder,
-                                 abilities_of, split_need, towers_of)
+from vlpt.models.outputs import (CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES, text_from_decoder,
+                                 abilities_of, by_view, split_need, towers_of)
 from vlpt.models.text import TextTransformer
 from vlpt.models.vision import VisionTransformer
 
@@ -26,7 +26,7 @@ class ImageTextModel(nn.Module):
         names = {split_need(n)[0] for n in needs}
         towers = towers_of(cfg, needs)
         self.abilities = abilities_of(cfg, needs)
-        self.text_from_decoder = _text_from_decoder(cfg, names)
+        self.text_from_decoder = text_from_decoder(cfg, names)
         open_clip = p.style == "open_clip"
         pool_width = cfg.embed_dim if open_clip else v.width  # open_clip pools to embed_dim-wide tokens
         self.visual = VisionTransformer(v, raw_tokens=open_clip) if "vision" in towers else None
@@ -145,12 +145,8 @@ class ImageTextModel(nn.Module):
     def forward(self, batch: dict, needs: frozenset[str]) -> dict:
         """Every output in `needs`, keyed as named there, each computed once (CoCa: one pass gives the
         embeddings and the caption logits)."""
-        by_view: dict[str | None, set[str]] = {}
-        for need in sorted(needs):  # a fixed order of passes, whatever the set's
-            name, view = split_need(need)
-            by_view.setdefault(view, set()).add(name)
         out: dict = {}
-        for view, names in by_view.items():
+        for view, names in by_view(needs):
             got = self._default_view(batch, names) if view is None else self._view(batch, view, names)
             out.update({(n if view is None else f"{n}@{view}"): got[n] for n in names})
             if view is None and "caption_mask" in got:

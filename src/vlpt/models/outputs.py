@@ -14,7 +14,9 @@ batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses).
 """
 from __future__ import annotations
 
-# `cfg` below is a vlpt.config.ModelConfig; this module imports nothing, since config imports it to check recipes
+import functools
+
+# `cfg` below is a vlpt.config.ModelConfig; this module imports nothing of vlpt, since config imports it to check recipes
 
 IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
 TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
@@ -41,7 +43,17 @@ def split_need(need: str) -> tuple[str, str | None]:
     return name, view
 
 
-def _text_from_decoder(cfg, names: set[str]) -> bool:
+@functools.lru_cache(maxsize=None)  # the model asks at every forward pass, with the same few sets
+def by_view(needs: frozenset[str]) -> tuple[tuple[str | None, frozenset[str]], ...]:
+    """The output names of `needs` grouped by view: ((view, names), ...), in a fixed order of passes."""
+    groups: dict[str | None, set[str]] = {}
+    for need in sorted(needs):
+        name, view = split_need(need)
+        groups.setdefault(view, set()).add(name)
+    return tuple((view, frozenset(names)) for view, names in groups.items())
+
+
+def text_from_decoder(cfg, names: set[str]) -> bool:
     """A decoder with unimodal layers is the text tower too (CoCa): its [CLS] output is the text feature."""
     return "caption_logits" in names and cfg.decoder.unimodal_depth > 0
 
@@ -54,7 +66,7 @@ def towers_of(cfg, needs: frozenset[str]) -> set[str]:
         towers.add("vision")
     if "caption_logits" in names:
         towers.add("decoder")
-    if names & TEXT_OUTPUTS and not _text_from_decoder(cfg, names):
+    if names & TEXT_OUTPUTS and not text_from_decoder(cfg, names):
         towers.add("text")
     return towers
 

@@ -43,7 +43,6 @@ class MetricsLog:
             self.tb.close()
 
 
-
 class StepLog:
     """The training rows of metrics.jsonl (every `every` steps and the last) and the progress bar's figures;
     samples/s is measured over the steps since the last row."""

@@ -80,8 +80,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
-    needs = frozenset().union(*config_lib.objective_needs(cfg).values())
-    evaluation = EvalPlan(cfg, abilities_of(cfg.model, needs))  # a typo or a missing file fails in seconds
+    evaluation = EvalPlan(cfg, abilities_of(cfg.model, config_lib.model_needs(cfg)))  # a typo or a missing file fails in seconds
     if last is None:
         check_sources(cfg.model.init)
     if cfg.train.threads:

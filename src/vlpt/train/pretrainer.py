@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlpt.config import Config
+from vlpt.config import Config, model_needs
 from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
 from vlpt.objectives import Objective, objective_class
@@ -46,9 +46,6 @@ class Pretrainer(nn.Module):
 
 def build(cfg: Config, vocab: Vocab) -> Pretrainer:
     """The model the objectives need, then the objectives (which may build heads on its widths)."""
-    classes = {name: objective_class(name) for name in cfg.objectives}
-    needs = frozenset().union(*(c.needs_for(c.parse_options(cfg.objectives[n].options, f"objectives.{n}"))
-                                for n, c in classes.items()))
-    model = ImageTextModel(cfg.model, vocab, needs)
-    objectives = {name: c(cfg.objectives[name].options, cfg.model, vocab) for name, c in classes.items()}
+    model = ImageTextModel(cfg.model, vocab, model_needs(cfg))
+    objectives = {name: objective_class(name)(o.options, cfg.model, vocab) for name, o in cfg.objectives.items()}
     return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()})
