@@ -114,8 +114,9 @@ def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tupl
         total_loss += loss.detach().float() / len(chunks)
     if scaler:
         scaler.unscale_(optimizer)
-    params = [p for p in module.parameters() if p.grad is not None]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, parts.grad_clip if parts.grad_clip > 0 else float("inf"))
+    # parameters without a gradient (a locked tower) are skipped by clip_grad_norm_ itself
+    max_norm = parts.grad_clip if parts.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
     loss_value, norm_value = torch.stack([total_loss, grad_norm.detach().float()]).tolist()  # the step's host sync
     nonfinite, *summed = sum_over_ranks(device, not (math.isfinite(loss_value) and math.isfinite(norm_value)), *flags)
     if nonfinite:
