@@ -271,10 +271,10 @@ def test_run_suite_on_fake_model(fake_sources):
 
 
 def test_unknown_task_kind(fake_sources):
-    with pytest.raises(ValueError, match="Did you mean 'zeroshot'"):
+    with pytest.raises(ValueError, match="did you mean 'zeroshot'"):
         tasks.run_suite(["retrieval:toy:one_per_class", "zero_shot:toy:cls"], FakeModel(), progress=False)
     assert fake_sources == []  # the typo was caught before any work
-    with pytest.raises(ValueError, match="known kinds"):
+    with pytest.raises(ValueError, match="Known kinds"):
         tasks.run_task("segmentation:toy:cls", FakeModel())
     with pytest.raises(ValueError, match="TRAINSPEC"):
         tasks.run_task("linear_probe:toy:cls", FakeModel())
@@ -360,7 +360,7 @@ def test_tasks_check_model_abilities(fake_sources):
     with pytest.raises(ValueError, match="needs a text embedding"):
         tasks.run_suite(["caption_loss:toy:cls", "retrieval:toy:cls"], FakeCaptioner(), progress=False)
     assert fake_sources == []  # caught before any work
-    with pytest.raises(ValueError, match="Did you mean 'captioning'"):
+    with pytest.raises(ValueError, match="did you mean 'captioning'"):
         tasks.run_task("captioninng:toy:cls", FakeCaptioner())
 
 

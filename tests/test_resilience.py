@@ -21,7 +21,7 @@ from vlpt.data.sources import load_captions_table, load_coco
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.data.webdataset_io import write_shards
 from vlpt.train import checkpoint, loop
-from vlpt.train.data import load_training_data, tokenize
+from vlpt.train.data import decode_training_data, open_training_data, tokenize
 from vlpt.train.guards import TrainingStopped
 from vlpt.train.resume import resume_checkpoint
 from vlpt.train.pretrainer import Pretrainer
@@ -181,6 +181,19 @@ def test_signal_saves_the_current_step_and_exits_then_resume_is_bit_equal(data, 
     assert last < STEPS and steps_of(run)[-1] == last, (target, steps_of(run), err)  # saved at the step it stopped
     assert f"stopped by {sig.name} after step {last}" in err and "--resume" in err
     resume_and_compare(run, straight)
+
+
+def test_demo_stopped_by_sigterm_ends_in_one_line(data, tmp_path):
+    run = tmp_path / "demo"
+    cmd = [sys.executable, "-m", "vlpt", "demo", "--out", str(run), *args(data, "train.steps=500")]
+    with open(f"{run}.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wait_for(proc, lambda: logged_step(run) >= 2, "step 2")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    out = Path(f"{run}.log").read_text()
+    assert proc.returncode == 143 and "Traceback" not in out, out
+    assert "stopped by SIGTERM" in out and checkpoint.find(run)
 
 
 def test_fp16_resume_restores_the_grad_scaler(data, tmp_path):
@@ -358,7 +371,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, cache):
 def test_weighted_mixture_with_bad_images_trains(data, tmp_path):
     odd = odd_table(tmp_path / "odd")
     cfg = config.resolve("clip", args(data, f"data=csv:{odd}@1 + csv:{data}@3", "train.steps=2", "data.max_bad_fraction=0.5"))
-    _, images, weights, bad = load_training_data(cfg, progress=False)
+    _, images, weights, bad = decode_training_data(cfg, *open_training_data(cfg), progress=False)
     assert len(bad) == 3 and images.shape[0] == 27 + 16 and weights.shape == (27 + 16,)
     assert weights[:27].sum() / weights.sum() == pytest.approx(27 / 30 * 1 / (27 / 30 * 1 + 3))  # 3 of odd's 30 gone
     loop.train(cfg, tmp_path / "run", progress=False)
@@ -427,5 +440,5 @@ def test_bad_config_fails_before_any_work(tmp_path, capsys, override, expected):
     for text in expected:
         assert text in str(err.value)
     assert cli_main(["train", "clip", "model=micro", "train.steps=2", override, "--out", str(out)]) == 2
-    assert f"vlpt: config error: {err.value}" in capsys.readouterr().err
+    assert f"error: {err.value}\n" == capsys.readouterr().err
     assert not out.exists()

@@ -1,5 +1,8 @@
 """vlpt: vision-language pre-training."""
+from vlpt.errors import CheckpointError, DataError, RunError, UsageError, VlptError
+
 __version__ = "0.1.0"
+__all__ = ["load", "VlptError", "UsageError", "DataError", "CheckpointError", "RunError"]
 
 
 def load(path, device: str = "cpu"):

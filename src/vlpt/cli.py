@@ -1,10 +1,19 @@
-"""`vlpt train|eval|caption|demo|data|export|import-weights|recipes`: the command line."""
+"""`vlpt train|eval|caption|demo|data|export|import-weights|recipes`: the command line.
+
+A user's mistake ends in one line, `error: ...`, exit status 2 (command line, config) or 1 (data,
+checkpoint, run); `--debug` or VLPT_DEBUG=1 shows the traceback instead. Anything else is a bug and keeps
+its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from pathlib import Path
+
+from vlpt.errors import UsageError, VlptError, one_line
 
 TRAIN_EXAMPLES = """examples:
   vlpt train clip --out runs/clip                          # CLIP on the built-in scenes
@@ -28,7 +37,7 @@ zeroshot_captioner:DATA, caption_loss:DATA (DATA as in `vlpt data --help`), or a
 by import path: my_pkg.evals:MyEvaluator:DATA (see docs/guide.md, "Writing an evaluator")."""
 
 CAPTION_EXAMPLES = """examples:
-  vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, at most 30 tokens
+  vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, up to the model's context
   vlpt caption runs/cap photo.jpg --method nucleus --top-p 0.9 --seed 1"""
 
 DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
@@ -42,6 +51,13 @@ DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   A + B@0.3                 a weighted mixture of sources (weights default to 1)
   a bare path is recognised by its layout."""
 
+
+DATA_INFO_EXAMPLES = """examples:
+  vlpt data info scenes:test
+  vlpt data info my_captions.csv --show 10"""
+
+DATA_PACK_EXAMPLES = """example:
+  vlpt data pack flickr8k:../shared/data/flickr8k:train 'shards/f8k-%06d.tar' --size 64"""
 
 EXPORT_HELP = """examples:
   vlpt export runs/clip hf/clip                            # transformers.CLIPModel.from_pretrained("hf/clip")
@@ -57,20 +73,19 @@ open_clip weights (CLIP, or CoCa: told by the tensors) carry no tokenizer: give 
 
 
 def _train(args) -> int:
-    import yaml
-
     from vlpt import config as config_lib
-    from vlpt.data.sources import BadDataError
     from vlpt.train import loop
-    from vlpt.train.evaluation import EvaluationFailed
-    from vlpt.train.guards import TrainingStopped
     from vlpt.train.resume import elastic_restart
     from vlpt.train.signals import Interrupted
 
     out = Path(args.out or f"runs/{Path(args.recipe).stem}")
     resume = args.resume or elastic_restart() > 0  # a torchrun restart continues the run it replaces
     if resume and (out / "config.yaml").exists():
-        saved = yaml.safe_load((out / "config.yaml").read_text())
+        saved = config_lib.read_yaml(out / "config.yaml")
+        given = Path(args.recipe).stem
+        if saved.get("recipe") != given:
+            raise UsageError(f"--resume: {out} is a run of recipe '{saved.get('recipe')}', not '{given}'; continue "
+                             f"it with `vlpt train {saved.get('recipe')} --out {out} --resume` or pick another --out")
         cfg = config_lib.from_dict(config_lib.deep_merge(saved, config_lib.parse_overrides(args.overrides)))
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
@@ -79,9 +94,6 @@ def _train(args) -> int:
     except Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
         print(f"vlpt: {stop}", file=sys.stderr)
         return stop.exit_code
-    except (TrainingStopped, BadDataError, EvaluationFailed) as err:
-        print(f"vlpt: error: {err}", file=sys.stderr)
-        return 1
     finally:
         from vlpt.train.distributed import teardown
 
@@ -91,23 +103,35 @@ def _train(args) -> int:
     return 0
 
 
-def _eval(args) -> int:
-    from vlpt.eval.defaults import resolve_tasks
-    from vlpt.eval.registry import TaskError, run_suite, write_samples
-    from vlpt.inference import Model, load_pretrainer
+EVAL_KEYS = ("data.max_bad_fraction", "eval.templates")  # the only config keys that change an evaluation
 
+
+def _eval(args) -> int:
+    from vlpt.config import parse_overrides
+    from vlpt.eval.defaults import resolve_tasks
+    from vlpt.eval.registry import run_suite, write_samples
+    from vlpt.inference import Model, load_pretrainer
+    from vlpt.typed import build
+
+    top = parse_overrides(args.overrides)
+    for section, keys in top.items():
+        for key in keys if isinstance(keys, dict) else [None]:
+            if f"{section}.{key}" not in EVAL_KEYS:
+                raise UsageError(f"vlpt eval takes only {' and '.join(k + '=...' for k in EVAL_KEYS)}, not "
+                                 f"'{section}{'.' + key if key else ''}'; training keys are set in `vlpt train`")
     cfg, tokenizer, module, ckpt = load_pretrainer(args.checkpoint)
+    data = build(type(cfg.data), {**vars(cfg.data), **top.get("data", {})}, "data.")
+    if not 0 <= data.max_bad_fraction <= 1:
+        raise UsageError(f"data.max_bad_fraction={data.max_bad_fraction} must be between 0 and 1")
     model = Model(module.model, tokenizer)
     tasks = args.task or resolve_tasks([t.task for t in cfg.eval.tasks], cfg.data.source, model.abilities)
     if not tasks:
-        raise SystemExit(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; give --task")
+        raise UsageError(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; "
+                         f"give one with --task (see `vlpt eval --help`)")
     samples: dict = {}
-    try:
-        results = run_suite(tasks, model, templates=args.templates or cfg.eval.templates, progress=not args.json,
-                            samples=samples)
-    except TaskError as err:
-        print(f"vlpt: error: {err}", file=sys.stderr)
-        return 2
+    templates = args.templates or top.get("eval", {}).get("templates") or cfg.eval.templates
+    results = run_suite(tasks, model, templates=templates, progress=not args.json, samples=samples,
+                        max_bad_fraction=data.max_bad_fraction)
     if samples and args.captions_out:
         write_samples(samples, args.captions_out)
     if args.json:
@@ -123,18 +147,19 @@ def _caption(args) -> int:
 
     from vlpt.inference import load
 
+    from vlpt.errors import DataError
+
     model = load(args.checkpoint)
     if not model.has_decoder:
-        print(f"error: {args.checkpoint} has no caption decoder (train cap, cappa or coca)", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.checkpoint} has no caption decoder; caption with a run of cap, cappa or coca")
     images = []
     for path in args.images:
         try:
             images.append(Image.open(path))
         except (OSError, ValueError) as err:
-            print(f"error: cannot read image {path}: {err}", file=sys.stderr)
-            return 2
-    captions = model.generate(images, method=args.method, beam_width=args.beam_width, max_tokens=args.max_tokens,
+            raise DataError(f"cannot read image {path}: {err}") from None
+    length = {} if args.max_tokens is None else {"max_tokens": args.max_tokens}  # default: what the context allows
+    captions = model.generate(images, method=args.method, beam_width=args.beam_width, **length,
                               length_penalty=args.length_penalty, top_p=args.top_p, temperature=args.temperature,
                               generator=torch.Generator().manual_seed(args.seed))
     for path, text in zip(args.images, captions):
@@ -142,10 +167,20 @@ def _caption(args) -> int:
     return 0
 
 
+DEMO_HELP = """CLIP on vlpt's built-in scenes (generated, nothing downloaded), sized to finish in a few minutes on
+2 CPU cores; prints zero-shot accuracy and retrieval R@1/5/10 on held-out scenes. The run folder is replaced
+on every call."""
+
+DEMO_EXAMPLES = """examples:
+  vlpt demo                                                 # runs/demo, ~7 minutes on 2 cores
+  vlpt demo --out /tmp/demo train.steps=50                  # a shorter look"""
+
+
 def _demo(args) -> int:
     """CLIP on the built-in scenes, sized to finish in a few minutes on 2 CPU cores."""
     from vlpt import config as config_lib
     from vlpt.train import loop
+    from vlpt.train.signals import Interrupted
 
     out = Path(args.out)
     if (out / "checkpoints").exists():
@@ -155,7 +190,11 @@ def _demo(args) -> int:
     cfg = config_lib.resolve("clip", args.overrides)
     print(f"vlpt demo: CLIP, model={cfg.model.preset}, {cfg.train.steps} steps of {cfg.train.batch_size} "
           f"on built-in scenes -> {out}", file=sys.stderr)
-    results = loop.train(cfg, out, progress=True)
+    try:
+        results = loop.train(cfg, out, progress=True)
+    except Interrupted as stop:
+        print(f"vlpt: {stop}", file=sys.stderr)
+        return stop.exit_code
     print(format_results(results, title=f"vlpt demo (CLIP on built-in scenes), run folder {out}"))
     print("chance: zero-shot colour 12.5%, shape 20%, colour+shape 2.5%; retrieval R@1 0.2% (500 images, 1,000 captions)")
     return 0
@@ -182,10 +221,24 @@ def _data(args) -> int:
 def _recipes(args) -> int:
     from vlpt.config import RECIPES_DIR, available_recipes
 
-    for name in available_recipes():
-        first = (RECIPES_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ")
-        print(f"{name:10s} {first}")
+    import textwrap
+
+    names = available_recipes()
+    width = max(map(len, names))
+    for name in names:
+        print(textwrap.fill(recipe_description(RECIPES_DIR / f"{name}.yaml"), 100, initial_indent=f"{name:<{width}}  ",
+                            subsequent_indent=" " * (width + 2)))
     return 0
+
+
+def recipe_description(path: Path) -> str:
+    """The first paragraph of a recipe file's leading comment, as one line."""
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#") or (lines and not line.strip("# ")):
+            break
+        lines.append(line.lstrip("#").strip())
+    return " ".join(x for x in lines if x)
 
 
 def _export(args) -> int:
@@ -224,67 +277,90 @@ def format_results(results: dict, title: str = "") -> str:
     return "\n".join(lines)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlpt", description="Vision-language pre-training: every objective as a recipe.")
-    sub = p.add_subparsers(dest="cmd", required=True)
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error style: one line naming the command, the problem and where help is."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")  # key=value, e.g. train.steps=30 or data=my.csv
+
+
+def parser() -> Parser:
+    p = Parser(prog="vlpt", description="Vision-language pre-training: every objective as a recipe.",
+               epilog="`vlpt COMMAND --help` shows each command's examples. A mistake prints one line `error: ...`; "
+                      "--debug (or VLPT_DEBUG=1) shows the traceback instead.")
+    p.add_argument("--version", action="version", version=f"vlpt {_version()}")
+    common = Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    t = sub.add_parser("train", help="pre-train a recipe", epilog=TRAIN_EXAMPLES, formatter_class=fmt)
+    def command(name: str, help: str, description: str | None = None, epilog: str | None = None):
+        return sub.add_parser(name, help=help, description=description or help[0].upper() + help[1:] + ".",
+                              epilog=epilog, formatter_class=fmt, parents=[common])
+
+    t = command("train", "pre-train a recipe", epilog=TRAIN_EXAMPLES)
     t.add_argument("recipe", help="recipe name (see `vlpt recipes`) or path to a recipe YAML")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=100")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, before or after the options, e.g. train.steps=100")
     t.add_argument("--out", help="run folder (default runs/RECIPE)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(fn=_train)
 
-    e = sub.add_parser("eval", help="evaluate a run or checkpoint", epilog=EVAL_EXAMPLES, formatter_class=fmt)
+    e = command("eval", "evaluate a run or checkpoint", epilog=EVAL_EXAMPLES)
     e.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
+    e.add_argument("overrides", nargs="*", metavar="key=value",
+                   help=f"only {' and '.join(EVAL_KEYS)}, e.g. data.max_bad_fraction=0.05")
     e.add_argument("--task", action="append", help="evaluation task (repeatable); default: the recipe's suite")
     e.add_argument("--templates", help="prompt templates: imagenet80 (default) or simple")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object of metrics on stdout")
     e.add_argument("--captions-out", metavar="JSON", help="write the generated captions of captioning tasks here")
     e.set_defaults(fn=_eval)
 
-    c = sub.add_parser("caption", help="print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES,
-                       formatter_class=fmt)
+    c = command("caption", "print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES)
     c.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")
     c.add_argument("images", nargs="+", help="image files")
     c.add_argument("--method", choices=("beam", "greedy", "nucleus"), default="beam")
     c.add_argument("--beam-width", type=int, default=6)
-    c.add_argument("--max-tokens", type=int, default=30, help="at most this many tokens before <eot>")
+    c.add_argument("--max-tokens", type=int, help="at most this many tokens before <eot> (default: 30, or what the "
+                                                  "model's context allows)")
     c.add_argument("--length-penalty", type=float, default=0.0, help="beam score = log p / length**penalty")
     c.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass")
     c.add_argument("--temperature", type=float, default=1.0)
     c.add_argument("--seed", type=int, default=0, help="nucleus sampling seed")
     c.set_defaults(fn=_caption)
 
-    d = sub.add_parser("demo", help="CLIP on built-in scenes in a few minutes, with results")
-    d.add_argument("overrides", nargs="*", metavar="key=value")
-    d.add_argument("--out", default="runs/demo")
+    d = command("demo", "CLIP on built-in scenes in a few minutes, with results", DEMO_HELP, DEMO_EXAMPLES)
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
+    d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; replaced)")
     d.set_defaults(fn=_demo)
 
-    da = sub.add_parser("data", help="inspect data sources, write WebDataset shards", epilog=DATA_HELP, formatter_class=fmt)
-    dsub = da.add_subparsers(dest="data_cmd", required=True)
-    info = dsub.add_parser("info", help="count images and captions of a data spec", epilog=DATA_HELP, formatter_class=fmt)
+    da = command("data", "inspect data sources, write WebDataset shards", epilog=DATA_HELP)
+    dsub = da.add_subparsers(dest="data_cmd", required=True, parser_class=Parser)
+    info = dsub.add_parser("info", help="count images and captions of a data spec",
+                           description="Count the images and captions of a data spec and show a few captions.",
+                           epilog=DATA_INFO_EXAMPLES + "\n\n" + DATA_HELP, formatter_class=fmt, parents=[common])
     info.add_argument("spec")
     info.add_argument("--show", type=int, default=5, help="print the first N captions")
-    pk = dsub.add_parser("pack", help="write any source as WebDataset shards", epilog=DATA_HELP + "\n\nexample:\n"
-                         "  vlpt data pack flickr8k:../shared/data/flickr8k:train 'shards/f8k-%%06d.tar' --size 64",
-                         formatter_class=fmt)
+    pk = dsub.add_parser("pack", help="write any source as WebDataset shards",
+                         description="Write any data source as WebDataset shards (tar files of image + caption).",
+                         epilog=DATA_PACK_EXAMPLES + "\n\n" + DATA_HELP, formatter_class=fmt, parents=[common])
     pk.add_argument("spec")
-    pk.add_argument("out", help="shard name pattern, e.g. shards/train-%%06d.tar")
+    pk.add_argument("out", help="shard name pattern with a %%d field, e.g. shards/train-%%06d.tar")
     pk.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
     pk.add_argument("--size", type=int, help="re-encode images at this size (default: keep the files)")
     da.set_defaults(fn=_data)
 
-    x = sub.add_parser("export", help="write a run as another format's model folder", epilog=EXPORT_HELP, formatter_class=fmt)
+    x = command("export", "write a run as another format's model folder", epilog=EXPORT_HELP)
     x.add_argument("run", help="run folder, checkpoint folder or model.safetensors")
     x.add_argument("out", help="output folder")
     x.add_argument("--format", choices=["hf"], default="hf", help="hf: a transformers CLIPModel folder")
     x.set_defaults(fn=_export)
 
-    im = sub.add_parser("import-weights", help="make a vlpt run folder from HF or open_clip weights", epilog=IMPORT_HELP,
-                        formatter_class=fmt)
+    im = command("import-weights", "make a vlpt run folder from HF or open_clip weights", epilog=IMPORT_HELP)
     im.add_argument("src", help="hf: a CLIPModel folder; open_clip: a state dict file (.safetensors, .pt, .bin)")
     im.add_argument("out", help="the new run folder")
     im.add_argument("--from", dest="source", choices=["hf", "open_clip"], required=True)
@@ -294,20 +370,46 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--text-heads", type=int, help="open_clip without --config: text tower heads (default width/64)")
     im.set_defaults(fn=_import_weights)
 
-    r = sub.add_parser("recipes", help="list the recipes")
+    r = command("recipes", "list the recipes", "List the installed recipes with their descriptions.",
+                "example:\n  vlpt recipes")
     r.set_defaults(fn=_recipes)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from vlpt.config import ConfigError
+def _version() -> str:
+    from vlpt import __version__
 
-    args = parser().parse_args(argv)
+    return __version__
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Options and key=value overrides in any order: argparse stops collecting a positional list at the first
+    option, so overrides that follow an option arrive as extras and join the list here."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all(OVERRIDE.match(x) for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    debug = args.debug or os.environ.get("VLPT_DEBUG", "") not in ("", "0")
     try:
         return args.fn(args)
-    except ConfigError as err:
-        print(f"vlpt: config error: {err}", file=sys.stderr)
-        return 2
+    except VlptError as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return err.exit_code
+    except OSError as err:  # the machine, not vlpt: a read-only or full disk, a file that vanished
+        if debug:
+            raise
+        where = f" {err.filename}" if err.filename else ""
+        print(f"error: cannot read or write{where}: {err.strerror or err} (--debug shows the traceback)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("vlpt: interrupted", file=sys.stderr)
         return 130

@@ -220,15 +220,34 @@ def available_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
 
+def read_yaml(path: Path) -> dict:
+    """A YAML mapping from a file; broken YAML is a ConfigError naming the file and line."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem}); fix the file") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe or config must be a mapping of keys (e.g. 'train: {{steps: 100}}'), "
+                          f"got {type(raw).__name__}")
+    return raw or {}
+
+
 def load_recipe(name_or_path: str) -> dict:
     path = Path(name_or_path)
     if not path.suffix:
         path = RECIPES_DIR / f"{name_or_path}.yaml"
     if not path.exists():
+        if Path(name_or_path).suffix:
+            raise ConfigError(f"recipe file {name_or_path} does not exist; give a recipe name "
+                              f"({', '.join(available_recipes())}) or the path of a recipe YAML")
         near = difflib.get_close_matches(str(name_or_path), available_recipes(), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"unknown recipe '{name_or_path}'.{hint} Recipes: {', '.join(available_recipes())}")
-    raw = yaml.safe_load(path.read_text()) or {}
+        hint = f"; did you mean '{near[0]}'?" if near else "."
+        raise ConfigError(f"unknown recipe '{name_or_path}'{hint} Recipes: {', '.join(available_recipes())} "
+                          f"(`vlpt recipes`), or the path of a recipe YAML")
+    raw = read_yaml(path)
     raw.setdefault("recipe", path.stem)
     if "base" in raw:  # `base: coca` = that recipe's keys, then these on top (a budget here replaces the base's)
         base = load_recipe(str(raw.pop("base")))
@@ -265,10 +284,17 @@ def deep_merge(base: dict, top: dict) -> dict:
 def _objectives(raw: dict) -> dict:
     """`objectives: {contrastive: {weight: 1, local_loss: true}}`: everything but weight is an option."""
     out = {}
+    if not isinstance(raw or {}, dict):
+        raise ConfigError(f"'objectives' must be a mapping of objective names to their options, got {raw!r}")
     for name, spec in (raw or {}).items():
         if spec is False:  # `objectives.contrastive=false` drops an objective of the recipe
             continue
-        spec = dict(spec or {})
+        if spec is True or spec is None:  # `objectives.contrastive=true`: on, with its default options
+            spec = {}
+        if not isinstance(spec, dict):
+            raise ConfigError(f"objectives.{name}={spec!r}: give its options as a mapping (e.g. "
+                              f"objectives.{name}.weight=1.0), true to add it or false to drop it")
+        spec = dict(spec)
         weight = spec.pop("weight", 1.0)
         out[name] = {"weight": weight, "options": {**spec.pop("options", {}), **spec}}
     return out
@@ -311,8 +337,8 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
     preset = model.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
         near = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
-        hint = f" Did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"unknown model preset '{preset}' (model=...).{hint} Presets: {', '.join(PRESETS)}")
+        hint = f"; did you mean '{near[0]}'?" if near else "."
+        raise ConfigError(f"unknown model preset '{preset}' (model=...){hint} Presets: {', '.join(PRESETS)}")
     raw["model"] = deep_merge(PRESETS[preset], model)
     raw["objectives"] = _objectives(raw.get("objectives"))
     cfg = build(Config, raw)
@@ -376,6 +402,7 @@ def validate(cfg: Config) -> None:
     budgets = [k for k in ("steps", "epochs", "samples") if getattr(tr, k) is not None]
     if len(budgets) != 1:
         raise ConfigError(f"give exactly one budget of train.steps, train.epochs, train.samples (got {budgets or 'none'})")
+    _validate_numbers(cfg)
     if tr.batch_size % tr.accum_steps:
         raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of train.accum_steps={tr.accum_steps}")
     if tr.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -385,6 +412,35 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be between 0 and 1 (default 0.01)")
     _validate_eval(cfg)
+
+
+def _validate_numbers(cfg: Config) -> None:
+    """Values outside their range: caught here, not as a ZeroDivisionError or torch's error mid-run."""
+    tr, budget = cfg.train, next(k for k in ("steps", "epochs", "samples") if getattr(cfg.train, k) is not None)
+    checks = [  # (key, value, ok, what it must be)
+        (f"train.{budget}", getattr(tr, budget), getattr(tr, budget) > 0,
+         "positive: a run needs at least one step (e.g. train.steps=100)"),
+        ("train.batch_size", tr.batch_size, tr.batch_size >= 1, "at least 1 (default 128)"),
+        ("train.accum_steps", tr.accum_steps, tr.accum_steps >= 1, "at least 1 (default 1)"),
+        ("train.lr", tr.lr, tr.lr > 0, "positive (default 1e-3)"),
+        ("train.min_lr", tr.min_lr, 0 <= tr.min_lr <= tr.lr, f"between 0 and train.lr={tr.lr}"),
+        ("train.warmup_steps", tr.warmup_steps, tr.warmup_steps >= 0, ">= 0 (default 100)"),
+        ("train.weight_decay", tr.weight_decay, tr.weight_decay >= 0, ">= 0 (default 0.1)"),
+        ("train.betas", tr.betas, len(tr.betas) == 2 and all(0 <= b < 1 for b in tr.betas),
+         "two numbers in [0, 1), e.g. [0.9, 0.98]"),
+        ("train.eps", tr.eps, tr.eps > 0, "positive (default 1e-6)"),
+        ("train.grad_clip", tr.grad_clip, tr.grad_clip >= 0, ">= 0 (0 = no clipping)"),
+        ("train.threads", tr.threads, tr.threads >= 0, ">= 0 (0 = torch's default)"),
+        ("train.log_every", tr.log_every, tr.log_every >= 1, "at least 1 (default 10)"),
+        ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0 (0 = only at the end)"),
+        ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, "at least 1 (default 2)"),
+        ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0 (0 = in the main process)"),
+        ("tokenizer.vocab_size", cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size >= 16, "at least 16 (default 4096)"),
+        ("model.embed_dim", cfg.model.embed_dim, cfg.model.embed_dim >= 1, "at least 1"),
+    ]
+    for key, value, ok, must in checks:
+        if not ok:
+            raise ConfigError(f"{key}={value} must be {must}")
 
 
 def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 from vlpt import config as config_lib
 from vlpt.data.dataset import to_uint8
 from vlpt.data.tokenizer import TextTokenizer
+from vlpt.errors import UsageError
 from vlpt.models import captioner
 from vlpt.models.model import ImageTextModel
 from vlpt.train import checkpoint
@@ -67,7 +68,7 @@ class Model:
 
     def _need(self, ok: bool, what: str, needs: str) -> None:
         if not ok:
-            raise ValueError(f"this model cannot give {what}: "
+            raise UsageError(f"this model cannot give {what}: "
                              f"that needs a model trained with {needs}")
 
     # ------------------------------------------------------------------------------------ batches

@@ -9,8 +9,10 @@ import types
 import typing
 from typing import Any
 
+from vlpt.errors import UsageError
 
-class ConfigError(ValueError):
+
+class ConfigError(UsageError):
     """A config that cannot run; the message names the key and the fix."""
 
 

@@ -38,10 +38,9 @@ class StepBatches(Dataset):
         text_views: TextViews | None = None,
         tokenizer: TextTokenizer | None = None,
     ):
-        if weights is None and len(data) < batch_size:  # an epoch must hold at least one batch
-            raise ValueError(f"the data set has {len(data)} captions, fewer than train.batch_size={batch_size}")
-        if batch_size % world:
-            raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
+        # the loop checks these with the fix named (train/data.py, loop.check_batch_split)
+        assert weights is not None or len(data) >= batch_size, "an epoch must hold at least one batch"
+        assert batch_size % world == 0, "every process takes an equal share of the batch"
         self.data, self.tokens, self.images, self.weights = data, tokens, images, weights
         self.caption_image = torch.tensor(data.caption_image)
         self.batch_size, self.seed, self.size, self.rank, self.world = batch_size, seed, image_size, rank, world

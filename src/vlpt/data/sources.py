@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from vlpt.errors import DataError
+
 from .dataset import ImageTextSet, Issue, merge_issues, to_uint8
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -37,8 +39,8 @@ KINDS = ("scenes", "flickr8k", "csv", "tsv", "coco", "folder", "cifar10", "wds")
 DROPPING = ("empty_captions", "bad_rows", "bad_samples", "bad_shards")
 
 
-class BadDataError(RuntimeError):
-    """Too many images of a data set could not be decoded."""
+class BadDataError(DataError):
+    """Data that cannot be read, or too much of it unusable; the message names the file and the fix."""
 
 
 def shared_data_dir() -> Path | None:

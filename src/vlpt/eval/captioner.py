@@ -38,7 +38,7 @@ class Captioning(Evaluator):
     requires = frozenset({"caption"})
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
-        images, ds = load_decoded(data, model.image_size, options.progress)
+        images, ds = load_decoded(data, model.image_size, options)
         metrics, records = run_captioning(model, images, ds, min(options.batch_size, DECODER_BATCH), options.progress)
         if options.samples is not None:
             options.samples.extend(records)
@@ -53,7 +53,7 @@ class ZeroShotCaptioner(Evaluator):
     requires = frozenset({"caption"})
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
-        images, ds = load_decoded(data, model.image_size, options.progress)
+        images, ds = load_decoded(data, model.image_size, options)
         need_labels(ds, f"zeroshot_captioner:{data}")
         labels = torch.as_tensor(ds.labels, dtype=torch.long)
         names = list(ds.classnames)
@@ -71,7 +71,7 @@ class CaptionLoss(Evaluator):
     requires = frozenset({"caption"})
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
-        images, ds = load_decoded(data, model.image_size, options.progress)
+        images, ds = load_decoded(data, model.image_size, options)
         if not ds.captions:
             raise ValueError(f"data set {ds.name!r} has no captions")
         owner = torch.as_tensor(ds.caption_image, dtype=torch.long)

@@ -6,8 +6,9 @@ import torch
 
 from vlpt.data import sources
 from vlpt.data.dataset import ImageTextSet
+from vlpt.errors import UsageError
 
-_DECODED: dict[tuple[str, int], tuple[torch.Tensor, ImageTextSet]] = {}
+_DECODED: dict[tuple[str, int, float], tuple[torch.Tensor, ImageTextSet]] = {}
 
 
 def clear_cache() -> None:
@@ -15,18 +16,21 @@ def clear_cache() -> None:
     _DECODED.clear()
 
 
-def load_decoded(spec: str, size: int, progress: bool = True) -> tuple[torch.Tensor, ImageTextSet]:
-    """(uint8 images [N,3,size,size], the set restricted to the images that decoded), cached."""
-    key = (spec, int(size))
+def load_decoded(spec: str, size: int, options) -> tuple[torch.Tensor, ImageTextSet]:
+    """(uint8 images [N,3,size,size], the set restricted to the images that decoded), cached. `options`: the
+    task's EvalOptions (progress bar; data.max_bad_fraction of unreadable images allowed)."""
+    key = (spec, int(size), options.max_bad_fraction)
     if key not in _DECODED:
-        images, good, _bad = sources.decode_all(sources.open_source(spec), int(size), progress=progress)
+        images, good, _bad = sources.decode_all(sources.open_source(spec), int(size), options.max_bad_fraction,
+                                                progress=options.progress)
         _DECODED[key] = (images, good)
     return _DECODED[key]
 
 
 def need_labels(ds: ImageTextSet, task: str) -> None:
     if ds.labels is None or ds.classnames is None:
-        raise ValueError(f"task {task!r}: data set {ds.name!r} has no labels/classnames")
+        raise UsageError(f"task {task!r}: data set {ds.name!r} has no class labels; give a labelled set "
+                         f"(folder:PATH with one folder per class, cifar10:test or scenes:colour)")
 
 
 def references_by_image(ds: ImageTextSet) -> dict[int, list[str]]:

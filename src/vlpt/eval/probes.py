@@ -103,7 +103,7 @@ class LinearProbe(Evaluator):
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
         task = f"linear_probe:{data}"
-        (train_images, train), (test_images, test) = (load_decoded(s, model.image_size, options.progress)
+        (train_images, train), (test_images, test) = (load_decoded(s, model.image_size, options)
                                                       for s in probe_specs(data))
         need_labels(train, task)
         need_labels(test, task)

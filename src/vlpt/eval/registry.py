@@ -17,6 +17,8 @@ from typing import Callable, ClassVar, Protocol, Sequence
 
 import torch
 
+from vlpt.errors import UsageError
+
 
 class EvalModel(Protocol):
     """What evaluators may call (vlpt.inference.Model implements it); images are uint8 [B,3,H,W]."""
@@ -38,7 +40,7 @@ class EvalModel(Protocol):
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
 
 
-class TaskError(ValueError):
+class TaskError(UsageError):
     """A task that cannot run: an unknown kind, a malformed data part, a model without what it needs."""
 
 
@@ -48,6 +50,7 @@ class EvalOptions:
     batch_size: int = 256
     progress: bool = False
     samples: list | None = None  # when a list, captioning tasks append one {"image", "caption", "references"} per image
+    max_bad_fraction: float = 0.01  # unreadable images a data set may have (data.max_bad_fraction)
 
 
 class Evaluator:
@@ -110,9 +113,9 @@ def parse_task(task: str) -> tuple[type[Evaluator], str]:
         known = list(EVALUATORS)
         if kind not in EVALUATORS:
             close = difflib.get_close_matches(kind, known, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise TaskError(f"unknown evaluation task kind {kind!r} in {task!r}; known kinds: {', '.join(known)}, "
-                            f"or an import path module.path:Class.{hint}")
+            hint = f"; did you mean {close[0]!r}?" if close else "."
+            raise TaskError(f"unknown evaluation task kind {kind!r} in {task!r}{hint} Known kinds: {', '.join(known)}, "
+                            f"or an import path module.path:Class")
         cls = EVALUATORS[kind]
     if not data:
         raise TaskError(f"task {task!r} names no data set; write it as '{kind}:DATASPEC'")
@@ -136,10 +139,10 @@ def check_task(task: str, abilities: frozenset[str]) -> tuple[Evaluator, str]:
 
 
 def run_task(task: str, model, templates="imagenet80", progress: bool = True, batch_size: int = 256,
-             samples: dict | None = None) -> dict[str, float]:
+             samples: dict | None = None, max_bad_fraction: float = 0.01) -> dict[str, float]:
     """Run one task on a model of the evaluation contract (vlpt.inference.Model); "<task>/<metric>"."""
     evaluator, data = check_task(task, model.abilities)
-    options = EvalOptions(templates, batch_size, progress, None if samples is None else [])
+    options = EvalOptions(templates, batch_size, progress, None if samples is None else [], max_bad_fraction)
     metrics = evaluator(model, data, options)
     if options.samples:
         samples[task] = options.samples

@@ -90,6 +90,6 @@ class Retrieval(Evaluator):
     requires = frozenset({"image_embed", "text_embed"})
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
-        images, ds = load_decoded(data, model.image_size, options.progress)
+        images, ds = load_decoded(data, model.image_size, options)
         return retrieval(model.encode_images, model.encode_texts, images, ds.captions, ds.caption_image,
                          batch_size=options.batch_size, progress=options.progress)

@@ -71,7 +71,7 @@ class ZeroShot(Evaluator):
     requires = frozenset({"image_embed", "text_embed"})
 
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
-        images, ds = load_decoded(data, model.image_size, options.progress)
+        images, ds = load_decoded(data, model.image_size, options)
         need_labels(ds, f"zeroshot:{data}")
         return zeroshot_classify(model.encode_images, model.encode_texts, images, ds.labels, ds.classnames,
                                  options.templates, options.batch_size, options.progress)

@@ -11,11 +11,12 @@ import yaml
 
 from vlpt import config as config_lib
 from vlpt.data.tokenizer import TextTokenizer, Vocab
+from vlpt.errors import UsageError
 from vlpt.train import checkpoint
 from vlpt.train.pretrainer import Pretrainer, build
 
 
-class MappingError(ValueError):
+class MappingError(UsageError):
     """A part of a model that has no counterpart in the other format; the message names it."""
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlpt.errors import UsageError
 from vlpt.models.model import ImageTextModel
 
 METHODS = ("greedy", "beam", "nucleus")
@@ -65,41 +66,49 @@ def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tenso
 
 @torch.no_grad()
 def generate(model: ImageTextModel, images: torch.Tensor | None, *, method: str = "beam", beam_width: int = 6,
-             max_tokens: int = 30, length_penalty: float = 0.0, top_p: float = 0.9, temperature: float = 1.0,
-             generator: torch.Generator | None = None, batch: int | None = None) -> list[list[int]]:
+             max_tokens: int = 30, min_tokens: int = 1, length_penalty: float = 0.0, top_p: float = 0.9,
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             batch: int | None = None) -> list[list[int]]:
     """Captions for images [B,3,H,W] (uint8 or 0-255 floats) as token ids, without <sot>/<eot>.
 
-    At most `max_tokens` tokens before the <eot>. Beam search ranks finished captions by
+    Between `min_tokens` and `max_tokens` tokens before the <eot> (an empty caption is never an answer: a
+    barely trained model's likeliest first token is often <eot>). Beam search ranks finished captions by
     sum log p / length**length_penalty (length counts the <eot>); 0 = plain sum. A blind decoder takes
     images=None and `batch` (how many captions).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown generation method {method!r}; choose one of {', '.join(METHODS)}")
+        raise UsageError(f"unknown generation method {method!r}; choose one of {', '.join(METHODS)}")
     d = model.decoder
     limit = d.context_length - 2
     if not 0 < max_tokens <= limit:
-        raise ValueError(f"max_tokens={max_tokens} must be in 1..{limit} (the context length minus <sot> and <eot>)")
+        raise UsageError(f"max_tokens={max_tokens} must be in 1..{limit} (this model's context of "
+                         f"{d.context_length} tokens minus <sot> and <eot>)")
+    if not 0 <= min_tokens <= max_tokens:
+        raise UsageError(f"min_tokens={min_tokens} must be in 0..max_tokens={max_tokens}")
     memory = _memory(model, images)
     n = memory.shape[0] if memory is not None else (images.shape[0] if images is not None else batch or 1)
     device = next(model.parameters()).device
     if method == "beam":
-        return _beam(model, memory, n, beam_width, max_tokens, length_penalty, device)
-    return _sample(model, memory, n, method, max_tokens, top_p, temperature, generator, device)
+        return _beam(model, memory, n, beam_width, (min_tokens, max_tokens), length_penalty, device)
+    return _sample(model, memory, n, method, (min_tokens, max_tokens), top_p, temperature, generator, device)
 
 
-def _next_logp(model, logits: torch.Tensor, banned: torch.Tensor, last: bool, temperature: float = 1.0) -> torch.Tensor:
-    """The model's log-probabilities (not renormalised, so scores stay true likelihoods), with banned
-    tokens removed; after `max_tokens` words only <eot> may follow."""
+def _next_logp(model, logits: torch.Tensor, banned: torch.Tensor, t: int, lengths: tuple[int, int],
+               temperature: float = 1.0) -> torch.Tensor:
+    """The model's log-probabilities for word t (not renormalised, so scores stay true likelihoods), with
+    banned tokens removed; before `min_tokens` words <eot> may not come, after `max_tokens` only <eot>."""
     logp = (logits.float() / temperature).log_softmax(-1)
     logp[:, banned] = float("-inf")
-    if last:
+    if t < lengths[0]:
+        logp[:, model.decoder.eot_id] = float("-inf")
+    if t == lengths[1]:
         eot = logp[:, model.decoder.eot_id].clone()
         logp.fill_(float("-inf"))
         logp[:, model.decoder.eot_id] = eot
     return logp
 
 
-def _sample(model, memory, n, method, max_tokens, top_p, temperature, generator, device) -> list[list[int]]:
+def _sample(model, memory, n, method, lengths, top_p, temperature, generator, device) -> list[list[int]]:
     d = model.decoder
     banned = _banned(model, device)
     dtype = next(model.parameters()).dtype
@@ -107,8 +116,8 @@ def _sample(model, memory, n, method, max_tokens, top_p, temperature, generator,
     logits = d.step(torch.full((n, 1), d.sot_id, device=device), cache)
     rows = torch.arange(n, device=device)  # which captions are still being written
     out: list[list[int]] = [[] for _ in range(n)]
-    for t in range(max_tokens + 1):
-        logp = _next_logp(model, logits, banned, t == max_tokens, temperature if method == "nucleus" else 1.0)
+    for t in range(lengths[1] + 1):
+        logp = _next_logp(model, logits, banned, t, lengths, temperature if method == "nucleus" else 1.0)
         if method == "greedy":
             tok = logp.argmax(-1)
         else:  # nucleus: sample from the smallest set of tokens whose probability reaches top_p
@@ -129,7 +138,7 @@ def _sample(model, memory, n, method, max_tokens, top_p, temperature, generator,
     return out
 
 
-def _beam(model, memory, n, k, max_tokens, length_penalty, device) -> list[list[int]]:
+def _beam(model, memory, n, k, lengths, length_penalty, device) -> list[list[int]]:
     """Batched beam search; an image leaves the batch once no live beam can beat its k-th finished caption."""
     d = model.decoder
     banned = _banned(model, device)
@@ -142,9 +151,10 @@ def _beam(model, memory, n, k, max_tokens, length_penalty, device) -> list[list[
     images = list(range(n))  # image of each row of the batch still searching
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(n)]
     norm = lambda s, length: s / length**length_penalty  # noqa: E731
+    max_tokens = lengths[1]
     for t in range(max_tokens + 1):
         b = len(images)
-        logp = _next_logp(model, logits, banned, t == max_tokens).view(b, k, -1)
+        logp = _next_logp(model, logits, banned, t, lengths).view(b, k, -1)
         v = logp.shape[-1]
         cand, idx = (scores[:, :, None] + logp).view(b, -1).topk(2 * k, dim=1)
         parent, tok = idx // v, idx % v

@@ -31,7 +31,7 @@ def objective_class(name: str) -> type[Objective]:
     if name not in OBJECTIVES:
         near = difflib.get_close_matches(name, list(OBJECTIVES), n=1)
         hint = f"; did you mean '{near[0]}'?" if near else ""
-        raise ConfigError(f"unknown objective 'objectives.{name}'{hint} Objectives: {', '.join(OBJECTIVES)}, "
+        raise ConfigError(f"unknown objective 'objectives.{name}'{hint}; objectives: {', '.join(OBJECTIVES)}, "
                           f"or an import path such as my_pkg.losses:MyObjective")
     return OBJECTIVES[name]
 

@@ -19,12 +19,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from vlpt.errors import CheckpointError
+
 PREFIX = "step-"
 TMP_PREFIX = ".tmp-"
 MANIFEST = "manifest.json"
+FORMAT = 1  # written into every checkpoint's metadata; a reader refuses a newer one by name
 
 
-class CorruptCheckpointError(RuntimeError):
+class CorruptCheckpointError(CheckpointError):
     """A checkpoint whose files do not match its manifest."""
 
 
@@ -51,6 +54,7 @@ def save(ckpt_dir: Path, step: int, weights: dict, metadata: dict, state: dict, 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # safetensors refuses shared storage; contiguous copies of plain tensors are what we want anyway
+    metadata = {"format": str(FORMAT), **metadata}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     torch.save(state, tmp / "state.pt")
@@ -130,6 +134,9 @@ def latest(ckpt_dir: Path, files: tuple[str, ...] | None = None) -> Path | None:
 def find(path: str | Path) -> Path:
     """A run folder, a checkpoint folder or a model.safetensors file -> the checkpoint folder (weights verified)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist; give a run folder (e.g. runs/demo), a checkpoint folder "
+                              f"or a model.safetensors file")
     if path.is_file() and path.name == "model.safetensors":
         path = path.parent
     if (path / "model.safetensors").is_file():
@@ -139,15 +146,27 @@ def find(path: str | Path) -> Path:
         return path
     ck = latest(path / "checkpoints", ("model.safetensors",))
     if ck is None:
-        raise FileNotFoundError(f"no usable checkpoint in {path} (expected {path}/checkpoints/{PREFIX}*/model.safetensors)")
+        what = "a run whose checkpoints are all damaged" if all_checkpoints(path / "checkpoints") else "not a vlpt run"
+        raise CheckpointError(f"{path} is {what}: no usable {path}/checkpoints/{PREFIX}*/model.safetensors; "
+                              f"give a run folder that `vlpt train` wrote, or its checkpoint folder")
     return ck
 
 
 def load_weights(ckpt: Path) -> tuple[dict, dict]:
     """(state dict, metadata) of a checkpoint folder."""
     f = ckpt / "model.safetensors"
-    with safe_open(str(f), framework="pt") as sf:
-        metadata = dict(sf.metadata() or {})
+    try:
+        with safe_open(str(f), framework="pt") as sf:
+            metadata = dict(sf.metadata() or {})
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own types for a file that is not one
+        raise CheckpointError(f"{f} is not a readable safetensors file ({err})") from None
+    fmt = int(metadata.get("format", 1))
+    if fmt > FORMAT:
+        raise CheckpointError(f"{f} was written by a newer vlpt (checkpoint format {fmt}; this vlpt reads up to "
+                              f"{FORMAT}); upgrade vlpt (pip install -U vlpt) to read it")
+    if "config" not in metadata or "tokenizer" not in metadata:
+        raise CheckpointError(f"{f} is not a vlpt checkpoint (its metadata has no config and tokenizer); "
+                              f"import foreign weights with `vlpt import-weights`")
     return load_file(str(f)), metadata
 
 

@@ -6,17 +6,34 @@ from pathlib import Path
 
 import torch
 
-from vlpt.config import Config
+from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.train import distributed
 
 
-def load_training_data(cfg: Config, progress: bool):
-    """(set, decoded images or None, sampling weights or None, bad image names); too much bad input raises."""
-    from vlpt.data.sources import check_issues, decode_all, open_data
+def open_training_data(cfg: Config):
+    """(set, sampling weights or None): metadata only, so a bad spec, too much bad input or a batch larger
+    than the data fails before the run writes anything."""
+    from vlpt.data.sources import check_issues, open_data
 
     data, weights = open_data(cfg.data.source)
     check_issues(data, cfg.data.max_bad_fraction)
+    if weights is None:  # a mixture samples with replacement; a plain set's epoch must hold one batch
+        check_batch_fits(len(data), cfg.train.batch_size, cfg.data.source)
+    return data, weights
+
+
+def check_batch_fits(captions: int, batch_size: int, name: str) -> None:
+    if captions < batch_size:
+        fit = 1 << (captions.bit_length() - 1) if captions else 0
+        raise ConfigError(f"train.batch_size={batch_size} is larger than the data ({captions} captions in {name}); "
+                          f"set train.batch_size={fit} or less" + (", or use more data" if fit < 8 else ""))
+
+
+def decode_training_data(cfg: Config, data, weights, progress: bool):
+    """(set, decoded images or None, sampling weights or None, bad image names); too many bad images raise."""
+    from vlpt.data.sources import decode_all
+
     images, bad = None, []
     if cfg.data.cache_images:
         images, kept, bad = decode_all(data, cfg.model.vision.image_size, cfg.data.max_bad_fraction, progress=progress)
@@ -24,6 +41,8 @@ def load_training_data(cfg: Config, progress: bool):
             good = {id(ref) for ref in kept.images}
             weights = weights[torch.tensor([id(data.images[i]) in good for i in data.caption_image])]
         data = kept
+        if weights is None:
+            check_batch_fits(len(data), cfg.train.batch_size, cfg.data.source)
     return data, images, weights, bad
 
 
@@ -47,8 +66,6 @@ def inherited_tokenizer(cfg: Config) -> str | None:
         if path is not None:
             tok = source_metadata(path).get("tokenizer")
             if tok is None:
-                from vlpt.config import ConfigError
-
                 raise ConfigError(f"model.init.{tower}={path} carries no tokenizer; give the one its weights were "
                                   f"trained with as tokenizer.path=...")
             return tok

@@ -10,12 +10,13 @@ from pathlib import Path
 from vlpt.config import Config, ConfigError
 from vlpt.data import sources
 from vlpt.eval.defaults import resolve_tasks
+from vlpt.errors import RunError
 from vlpt.eval.registry import TaskError, check_task, run_task, write_samples
 from vlpt.train import distributed
 from vlpt.train.logging import MetricsLog
 
 
-class EvaluationFailed(RuntimeError):
+class EvaluationFailed(RunError):
     """The final evaluation failed; the run itself (its final checkpoint) is complete."""
 
 
@@ -50,7 +51,7 @@ class EvalPlan:
             for task in tasks:
                 try:
                     results.update(run_task(task, model, templates=self.cfg.eval.templates, progress=progress,
-                                            samples=samples))
+                                            samples=samples, max_bad_fraction=self.cfg.data.max_bad_fraction))
                 except Exception as err:  # noqa: BLE001 - reported; training and other tasks go on
                     failed[task] = f"{type(err).__name__}: {err}"
             if results:

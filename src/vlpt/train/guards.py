@@ -4,10 +4,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from vlpt.data.sources import BadDataError
+from vlpt.errors import RunError
 from vlpt.train.logging import MetricsLog
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(RunError):
     """The run stopped itself (a non-finite streak); the message says why and what to resume from."""
 
 

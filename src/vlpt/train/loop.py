@@ -24,7 +24,7 @@ from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
 from vlpt.models.outputs import abilities_of
 from vlpt.train import checkpoint, distributed
-from vlpt.train.data import load_training_data, make_tokenizer, tokenize
+from vlpt.train.data import decode_training_data, make_tokenizer, open_training_data, tokenize
 from vlpt.train.evaluation import EvalPlan
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
 from vlpt.train.logging import MetricsLog, StepLog
@@ -88,11 +88,12 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.train.seed)  # the same init on every rank
-    if main:
+    data, weights = open_training_data(cfg)  # a bad spec or a batch larger than the data fails in seconds
+    data, images, weights, bad = decode_training_data(cfg, data, weights, progress and main)
+    if main:  # the run folder is written once the data is known to be usable
         _prepare_run_dir(cfg, run_dir, last)
     distributed.barrier()
 
-    data, images, weights, bad = load_training_data(cfg, progress and main)
     tokenizer = make_tokenizer(cfg, data.captions, run_dir)
     tokens, long_captions = tokenize(tokenizer, data.captions)
     module = build(cfg, tokenizer.vocab)
