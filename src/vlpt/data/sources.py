@@ -219,7 +219,8 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
 
 
 # ------------------------------------------------------------------------------------------------- coco
-COCO_SHAPE = "a COCO captions file is a JSON object with 'images' [{id, file_name}] and 'annotations' [{image_id, caption}]"
+COCO_SHAPE = ("a COCO captions file is a JSON object with 'images' [{id, file_name}] and 'annotations' "
+              "[{image_id, caption}]")
 
 
 def _coco_json(path: Path, text: str) -> dict:
@@ -281,11 +282,13 @@ def _no_classes(root: Path) -> str:
     files = sorted(f for f in root.iterdir() if f.is_file())
     tables = [f for f in files if f.suffix.lower() in (".csv", ".tsv", ".json")]
     if tables:
-        return f"{root}: no class subfolders (expected {root}/<class>/<image>); it holds {tables[0].name}: give data={tables[0]}"
+        return (f"{root}: no class subfolders (expected {root}/<class>/<image>); it holds {tables[0].name}: "
+                f"give data={tables[0]}")
     n = sum(f.suffix.lower() in IMAGE_EXTS for f in files)
     if n:
-        return (f"{root}: {n} image{'s' * (n != 1)} but no class subfolders; move them into {root}/<class>/ folders (each class name "
-                f"becomes a caption), or list them with captions in a .csv with a header line image,caption")
+        return (f"{root}: {n} image{'s' * (n != 1)} but no class subfolders; move them into {root}/<class>/ "
+                f"folders (each class name becomes a caption), or list them with captions in a .csv with a header "
+                f"line image,caption")
     return f"{root}: no class subfolders and no images; an image folder holds {root}/<class>/<image> files"
 
 
@@ -409,7 +412,8 @@ def open_source(spec: str) -> ImageTextSet:
         raise BadDataError(f"data path not found: {spec}; {SPECS}")
     near = difflib.get_close_matches(kind, KINDS, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise BadDataError(f"unknown data kind {kind!r}{hint}; valid kinds: {', '.join(KINDS)}, or a path (see `vlpt data --help`)")
+    raise BadDataError(f"unknown data kind {kind!r}{hint}; valid kinds: {', '.join(KINDS)}, or a path "
+                       f"(see `vlpt data --help`)")
 
 
 def open_data(spec: str) -> tuple[ImageTextSet, torch.Tensor | None]:
