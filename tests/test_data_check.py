@@ -69,6 +69,8 @@ def test_unknown_columns_name_what_was_found(tmp_path, capsys):
     assert refused(capsys, path) == (f"{path}:1: cannot find the image column; columns found: ['picture', 'words'] "
                                      f"(separator ','); name the image column one of image, filepath, file, path, "
                                      f"image_path, filename, file_name, image_file, image_name, img, url, image_url")
+    (tmp_path / "late.csv").write_text("\n\npicture,words\na.png,a cat\n")  # the header on line 3
+    assert refused(capsys, tmp_path / "late.csv").startswith(f"{tmp_path / 'late.csv'}:3: cannot find the image column")
 
 
 @pytest.mark.parametrize("text, reason", [

@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from PIL import Image
@@ -110,8 +110,17 @@ def _separator(path: Path, text: str) -> str:
         return max(SEPARATORS, key=header.count) if any(c in header for c in SEPARATORS) else ","
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], Issue, str]:
-    """(header, (line number, row) pairs, the lines that were not UTF-8, the separator) of a CSV/TSV table."""
+class Table(NamedTuple):
+    path: Path
+    header: list[str]
+    header_line: int
+    rows: list[tuple[int, list[str]]]  # (line number, cells) of each non-blank line after the header
+    non_utf8: Issue  # the lines that were not UTF-8 (repaired)
+    sep: str
+
+
+def _read_rows(path: Path) -> Table:
+    """A CSV/TSV table as text rows, its separator sniffed."""
     text, non_utf8 = _read_text(path)
     empty = BadDataError(f"{path}: the file is empty; a captions table needs a header line such as image,caption "
                          f"and then one line per image-caption pair")
@@ -124,7 +133,7 @@ def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], Issu
     if not rows:
         raise empty
     issue = Issue(text.count("\n") + 1, [f"{path}:{n}" for n in non_utf8])
-    return [c.strip() for c in rows[0][1]], rows[1:], issue, sep
+    return Table(path, [c.strip() for c in rows[0][1]], rows[0][0], rows[1:], issue, sep)
 
 
 def _pairs(path: Path, rows: list[tuple[int, list[str]]], ic: int, cc: int) -> tuple[list[tuple[str, str]], dict]:
@@ -152,21 +161,22 @@ def _looks_like_image(cell: str, root: Path) -> bool:
         return False
 
 
-def _columns(path: Path, header: list[str], rows: list, sep: str, root: Path) -> tuple[int, int]:
-    """Indices of the image and caption columns of a table's header."""
+def _columns(table: Table, root: Path) -> tuple[int, int]:
+    """Indices of the image and caption columns of a table's header (image paths are relative to `root`)."""
+    path, header, where = table.path, table.header, f"{table.path}:{table.header_line}"
     lower = [h.lower() for h in header]
     ic = next((lower.index(c) for c in IMAGE_COLUMNS if c in lower), None)
     cc = next((lower.index(c) for c in CAPTION_COLUMNS if c in lower), None)
     if ic is None or cc is None:
         cell = next((c for c in header if _looks_like_image(c, root)), None)
         if cell is not None:
-            raise BadDataError(f"{path}:1: the first row looks like data, not a header ({cell!r} is an image); "
+            raise BadDataError(f"{where}: the first row looks like data, not a header ({cell!r} is an image); "
                                f"add a header line such as image,caption")
         what, names = ("image", IMAGE_COLUMNS) if ic is None else ("caption", CAPTION_COLUMNS)
-        shown = "tab" if sep == "\t" else repr(sep)
-        raise BadDataError(f"{path}:1: cannot find the {what} column; columns found: {header} (separator {shown}); "
+        shown = "tab" if table.sep == "\t" else repr(table.sep)
+        raise BadDataError(f"{where}: cannot find the {what} column; columns found: {header} (separator {shown}); "
                            f"name the {what} column one of {', '.join(names)}")
-    if not rows:
+    if not table.rows:
         raise BadDataError(f"{path}: a header line and no rows; add one line per image-caption pair")
     return ic, cc
 
@@ -181,12 +191,12 @@ def _resolve(ref: str, root: Path) -> str:
 def load_captions_table(path: str | Path, image_root: str | Path | None = None) -> ImageTextSet:
     """A CSV/TSV with a header naming an image column and a caption column; captions grouped per image."""
     path = _need(path, "caption table")
-    header, rows, non_utf8, sep = _read_rows(path)
+    table = _read_rows(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    ic, cc = _columns(path, header, rows, sep, root)
-    pairs, issues = _pairs(path, rows, ic, cc)
+    ic, cc = _columns(table, root)
+    pairs, issues = _pairs(path, table.rows, ic, cc)
     return _grouped(path.stem, [(_resolve(ref, root), c) for ref, c in pairs],
-                    issues={**issues, "non_utf8_rows": non_utf8})
+                    issues={**issues, "non_utf8_rows": table.non_utf8})
 
 
 # --------------------------------------------------------------------------------------------- flickr8k
@@ -195,10 +205,9 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
     root = _need(root, "Flickr8k folder")
     if split not in FLICKR_SPLITS:
         raise BadDataError(f"unknown Flickr8k split {split!r}; choose one of {', '.join(sorted(FLICKR_SPLITS))}")
-    table = _need(root / "captions.txt", "Flickr8k captions file", FLICKR_LAYOUT)
-    header, rows, non_utf8, sep = _read_rows(table)
-    ic, cc = _columns(table, header, rows, sep, root / "Images")
-    pairs, issues = _pairs(table, rows, ic, cc)
+    table = _read_rows(_need(root / "captions.txt", "Flickr8k captions file", FLICKR_LAYOUT))
+    ic, cc = _columns(table, root / "Images")
+    pairs, issues = _pairs(table.path, table.rows, ic, cc)
     by_image: dict[str, list[str]] = defaultdict(list)
     for ref, caption in pairs:
         by_image[ref].append(caption)
@@ -215,7 +224,7 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
             names = [n for n in names if n in by_image]
     images = root / "Images"
     pairs = [(str(images / n), c) for n in names for c in by_image[n]]
-    return _grouped(f"flickr8k-{split}", pairs, issues={**issues, "non_utf8_rows": non_utf8})
+    return _grouped(f"flickr8k-{split}", pairs, issues={**issues, "non_utf8_rows": table.non_utf8})
 
 
 # ------------------------------------------------------------------------------------------------- coco
