@@ -193,6 +193,16 @@ def test_coco_mistakes(tmp_path, capsys, content, reason):
     assert refused(capsys, tmp_path / "c.json").startswith(f"{tmp_path}/{reason}")
 
 
+def test_too_small_a_data_set_names_the_batch_size(tmp_path, capsys):
+    for k in range(3):
+        png(tmp_path / f"{k}.png", k)
+    path = table(tmp_path, [f"{k}.png,picture {k}" for k in range(3)])
+    overrides = ["model=micro", f"data=csv:{path}", "train.steps=1", "train.batch_size=4", "eval.tasks=[]"]
+    assert cli_main(["train", "clip", *overrides, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert capsys.readouterr().err.strip() == ("vlpt: config error: train.batch_size=4 is more than the 3 captions of "
+                                               "'t'; lower train.batch_size (at most 3) or give more data")
+
+
 def test_real_flickr8k_report(capsys):
     base = shared_data_dir()
     if base is None or not (base / "flickr8k").is_dir():

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlpt.data.dataset import ImageTextSet, to_uint8
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.data.views import TextViews
+from vlpt.typed import ConfigError
 
 MAX_REDRAWS = 10  # per slot; a batch this unlucky ends the run through data.max_bad_fraction anyway
 
@@ -39,7 +40,8 @@ class StepBatches(Dataset):
         tokenizer: TextTokenizer | None = None,
     ):
         if weights is None and len(data) < batch_size:  # an epoch must hold at least one batch
-            raise ValueError(f"the data set has {len(data)} captions, fewer than train.batch_size={batch_size}")
+            raise ConfigError(f"train.batch_size={batch_size} is more than the {len(data)} captions of {data.name!r}; "
+                              f"lower train.batch_size (at most {len(data)}) or give more data")
         if batch_size % world:
             raise ValueError(f"train.batch_size={batch_size} must be divisible by the number of processes ({world})")
         self.data, self.tokens, self.images, self.weights = data, tokens, images, weights
