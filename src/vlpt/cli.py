@@ -43,7 +43,7 @@ CAPTION_EXAMPLES = """examples:
 DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape
   flickr8k[:PATH][:SPLIT]   Flickr8k layout (captions.txt + split files); SPLIT: train, dev, test, all
-  csv:PATH | tsv:PATH       a captions table (image path + caption columns)
+  csv:PATH | tsv:PATH       a captions table: a header line naming an image and a caption column
   coco:JSON[:IMAGE_ROOT]    COCO captions JSON
   folder:PATH[:SPLIT]       class-per-folder images; labels become text with prompt templates
   cifar10:SPLIT             the CIFAR-10 folder of ../shared/data
@@ -51,10 +51,14 @@ DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   A + B@0.3                 a weighted mixture of sources (weights default to 1)
   a bare path is recognised by its layout."""
 
+INFO_HELP = """examples:
+  vlpt data info my_captions.csv                           # counts, missing image files, skipped rows
+  vlpt data info my_captions.csv data.max_bad_fraction=0.05 --check
 
-DATA_INFO_EXAMPLES = """examples:
-  vlpt data info scenes:test
-  vlpt data info my_captions.csv --show 10"""
+--check decodes every image and tokenizes the captions as training would (the keys given, on --recipe):
+it lists unreadable images, empty captions, captions longer than model.text.context_length tokens (cut in
+training) and duplicate (image, caption) pairs. Exit status 0: training would accept the data; 1: it would
+refuse it (the reason on one line)."""
 
 DATA_PACK_EXAMPLES = """example:
   vlpt data pack flickr8k:../shared/data/flickr8k:train 'shards/f8k-%06d.tar' --size 64"""
@@ -207,21 +211,30 @@ def _data(args) -> int:
         shards = pack(args.spec, args.out, maxcount=args.maxcount, size=args.size)
         print(f"wrote {len(shards)} shard(s): {shards[0]} ... {shards[-1]}" if shards else "wrote nothing")
     elif args.data_cmd == "info":
-        from vlpt.data.sources import open_data
+        from vlpt import config as config_lib
+        from vlpt.data.check import check_data, format_report
 
-        data, weights = open_data(args.spec)
-        print(f"{data.name}: {data.num_images} images, {len(data)} captions"
-              + (f", {len(data.classnames)} classes" if data.classnames else "")
-              + (", weighted mixture" if weights is not None else ""))
-        for t, i in list(zip(data.captions, data.caption_image))[: args.show]:
-            print(f"  [{i}] {t}")
+        cfg = config_lib.resolve(args.recipe, args.overrides)  # the thresholds and tokenizer training would use
+        report = check_data(args.spec, cfg, full=args.check, progress=args.check and sys.stderr.isatty())
+        for line in format_report(report, show=args.show, full=args.check):
+            print(line)
+        if report.error is not None:
+            print(f"error: {report.error}", file=sys.stderr)
+            return 1
+        data, batch = report.data, cfg.train.batch_size
+        if data is not None and not report.weighted and len(data) < batch:
+            print(f"note: {len(data)} captions are fewer than train.batch_size={batch} of recipe {cfg.recipe}; "
+                  f"train with a smaller train.batch_size")
+        limit = f"data.max_bad_fraction={cfg.data.max_bad_fraction}"
+        print(f"ok: training would accept this data ({limit})" if args.check else
+              f"ok so far ({limit}); `--check` decodes every image and tokenizes the captions")
     return 0
 
 
 def _recipes(args) -> int:
-    from vlpt.config import RECIPES_DIR, available_recipes
-
     import textwrap
+
+    from vlpt.config import RECIPES_DIR, available_recipes
 
     names = available_recipes()
     width = max(map(len, names))
@@ -340,10 +353,17 @@ def parser() -> Parser:
 
     da = command("data", "inspect data sources, write WebDataset shards", epilog=DATA_HELP)
     dsub = da.add_subparsers(dest="data_cmd", required=True, parser_class=Parser)
-    info = dsub.add_parser("info", help="count images and captions of a data spec",
-                           description="Count the images and captions of a data spec and show a few captions.",
-                           epilog=DATA_INFO_EXAMPLES + "\n\n" + DATA_HELP, formatter_class=fmt, parents=[common])
+    info = dsub.add_parser("info", help="count images and captions of a data spec; --check: would training take it",
+                           description="Count the images and captions of a data spec, the image files missing and the "
+                                       "rows skipped; with --check, decode and tokenize everything as training would.",
+                           epilog=INFO_HELP + "\n\n" + DATA_HELP, formatter_class=fmt, parents=[common])
     info.add_argument("spec")
+    info.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="training config keys the check applies, e.g. "
+                           "data.max_bad_fraction=0.05 model=micro")
+    info.add_argument("--check", action="store_true",
+                      help="decode every image; list unreadable images, captions cut to the context, duplicate pairs")
+    info.add_argument("--recipe", default="clip", help="the recipe whose config the check applies (default clip)")
     info.add_argument("--show", type=int, default=5, help="print the first N captions")
     pk = dsub.add_parser("pack", help="write any source as WebDataset shards",
                          description="Write any data source as WebDataset shards (tar files of image + caption).",

@@ -19,7 +19,7 @@ class UsageError(VlptError, ValueError):
     exit_code = 2
 
 
-class DataError(VlptError, RuntimeError):
+class DataError(VlptError, ValueError):
     """The data cannot be read, or too much of it is unusable."""
 
 

@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlpt.data.dataset import ImageTextSet, to_uint8
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.data.views import TextViews
+from vlpt.typed import ConfigError
 
 MAX_REDRAWS = 10  # per slot; a batch this unlucky ends the run through data.max_bad_fraction anyway
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from .dataset import ImageTextSet
+from .sources import BadDataError
 
 _WEIGHT = re.compile(r"^(.*?)\s*@\s*([-+]?(?:[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|inf|nan))$", re.I)
 
@@ -41,9 +42,9 @@ def parse_mixture(spec: str) -> list[tuple[str, float]]:
         m = _WEIGHT.match(part)
         source, weight = (m.group(1).strip(), float(m.group(2))) if m else (part, 1.0)
         if not source:
-            raise ValueError(f"empty source in data mixture {spec!r}")
+            raise BadDataError(f"empty source in data mixture {spec!r}; write A@0.7 + B@0.3")
         if not (weight > 0 and math.isfinite(weight)):
-            raise ValueError(f"weight of {source!r} in {spec!r} must be positive, got {weight}")
+            raise BadDataError(f"weight of {source!r} in {spec!r} must be positive, got {weight}")
         out.append((source, weight))
     return out
 
@@ -74,7 +75,7 @@ def mix(sets: list[ImageTextSet], weights: list[float]) -> tuple[ImageTextSet, t
     images, captions, caption_image, probs = [], [], [], []
     for k, (s, w) in enumerate(zip(sets, weights)):
         if len(s) == 0:
-            raise ValueError(f"source {s.name!r} of the mixture has no captions")
+            raise BadDataError(f"source {s.name!r} of the mixture has no captions")
         offset = len(images)
         images += [MixedRef(k, r) for r in s.images]
         captions += s.captions

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlpt.data.dataset import ImageTextSet
+from vlpt.data.sources import BadDataError
 
 GENERATOR_VERSION = 1  # bump whenever generated pixels or objects change (invalidates the cache)
 
@@ -296,5 +297,5 @@ def load_scenes(split: str = "train", **kw) -> ImageTextSet:
     """Data-spec entry point: "scenes" -> train, "scenes:<split>" -> that split (see SPLITS)."""
     split = _ALIASES.get(split or "train", split or "train")
     if split not in SPLITS:
-        raise ValueError(f"unknown scenes split {split!r}; valid: {', '.join(SPLITS)}")
+        raise BadDataError(f"unknown scenes split {split!r}; valid: {', '.join(SPLITS)}")
     return scenes_set(split, **kw)

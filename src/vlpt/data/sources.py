@@ -17,7 +17,7 @@ import sys
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from PIL import Image
@@ -31,10 +31,14 @@ IMAGE_COLUMNS = ("image", "filepath", "file", "path", "image_path", "filename", 
                  "image_name", "img", "url", "image_url")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "captions", "description", "raw")
 FLICKR_SPLITS = {"train": "train", "dev": "dev", "val": "dev", "test": "test", "all": None}
+FLICKR_LAYOUT = "the Flickr8k layout is Images/, captions.txt and Flickr_8k.{train,dev,test}Images.txt"
 SPLIT_DIRS = ("train", "test", "val", "valid", "validation", "dev")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
                      "a close-up photo of a {}.", "{}")
 KINDS = ("scenes", "flickr8k", "csv", "tsv", "coco", "folder", "cifar10", "wds")
+SPECS = ("a data spec is a path (a .csv/.tsv captions table, a COCO .json, an image folder, .tar shards) or KIND:ARG "
+         f"with KIND one of {', '.join(KINDS)} (see `vlpt data --help`)")
+SEPARATORS = ",;\t|"
 # issues that drop input (checked against data.max_bad_fraction); the others repair it and are only counted
 DROPPING = ("empty_captions", "bad_rows", "bad_samples", "bad_shards")
 
@@ -57,10 +61,10 @@ def load_path(ref: Any) -> Image.Image:
     return img
 
 
-def _need(path: str | Path, what: str = "path") -> Path:
+def _need(path: str | Path, what: str = "path", hint: str = SPECS) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise BadDataError(f"{what} not found: {path}; {hint}")
     return path
 
 
@@ -96,25 +100,42 @@ def _read_text(path: Path) -> tuple[str, list[int]]:
     return "\n".join(lines).removeprefix("\ufeff"), bad
 
 
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]], Issue]:
-    """(header, (line number, row) pairs, the lines that were not UTF-8) of a CSV/TSV table."""
+def _separator(path: Path, text: str) -> str:
+    """Tabs for .tsv/.tab; otherwise sniffed among , ; tab | (spreadsheets in comma-decimal locales write ;
+    into a .csv), and where the sniffer cannot tell, the one the header line holds most of."""
+    if path.suffix.lower() in (".tsv", ".tab"):
+        return "\t"
+    try:
+        return csv.Sniffer().sniff(text[:8192], delimiters=SEPARATORS).delimiter
+    except csv.Error:
+        header = text.lstrip().partition("\n")[0]
+        return max(SEPARATORS, key=header.count) if any(c in header for c in SEPARATORS) else ","
+
+
+class Table(NamedTuple):
+    path: Path
+    header: list[str]
+    header_line: int
+    rows: list[tuple[int, list[str]]]  # (line number, cells) of each non-blank line after the header
+    non_utf8: Issue  # the lines that were not UTF-8 (repaired)
+    sep: str
+
+
+def _read_rows(path: Path) -> Table:
+    """A CSV/TSV table as text rows, its separator sniffed."""
     text, non_utf8 = _read_text(path)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        delimiter = ","
-    elif suffix in (".tsv", ".tab"):
-        delimiter = "\t"
-    else:
-        try:
-            delimiter = csv.Sniffer().sniff(text[:8192], delimiters=",\t;|").delimiter
-        except csv.Error:
-            delimiter = "\t" if "\t" in text.partition("\n")[0] else ","
+    empty = BadDataError(f"{path}: the file is empty; a captions table needs a header line such as image,caption "
+                         f"and then one line per image-caption pair")
+    if not text.strip():
+        raise empty
+    sep = _separator(path, text)
     csv.field_size_limit(2**31 - 1)  # an over-long caption is cut by the tokenizer, not fatal here
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=sep)
     rows = [(reader.line_num, r) for r in reader if any(c.strip() for c in r)]
     if not rows:
-        raise ValueError(f"{path}: empty table (a header row is required)")
-    return [c.strip() for c in rows[0][1]], rows[1:], Issue(text.count("\n") + 1, [f"{path}:{n}" for n in non_utf8])
+        raise empty
+    issue = Issue(text.count("\n") + 1, [f"{path}:{n}" for n in non_utf8])
+    return Table(path, [c.strip() for c in rows[0][1]], rows[0][0], rows[1:], issue, sep)
 
 
 def _pairs(path: Path, rows: list[tuple[int, list[str]]], ic: int, cc: int) -> tuple[list[tuple[str, str]], dict]:
@@ -132,13 +153,34 @@ def _pairs(path: Path, rows: list[tuple[int, list[str]]], ic: int, cc: int) -> t
     return pairs, {"empty_captions": Issue(len(rows) - len(broken), empty), "bad_rows": Issue(len(rows), broken)}
 
 
-def _find_column(header: list[str], candidates: tuple[str, ...], what: str, path: Path) -> int:
+def _looks_like_image(cell: str, root: Path) -> bool:
+    """A header cell that is an image file name or an existing file: the table has no header line."""
+    if Path(cell).suffix.lower() in IMAGE_EXTS:
+        return True
+    try:
+        return bool(cell) and (root / cell).expanduser().is_file()
+    except (OSError, ValueError):  # a caption too long or too odd for a file name
+        return False
+
+
+def _columns(table: Table, root: Path) -> tuple[int, int]:
+    """Indices of the image and caption columns of a table's header (image paths are relative to `root`)."""
+    path, header, where = table.path, table.header, f"{table.path}:{table.header_line}"
     lower = [h.lower() for h in header]
-    for cand in candidates:
-        if cand in lower:
-            return lower.index(cand)
-    raise ValueError(f"{path}: cannot find the {what} column; columns found: {header}; "
-                     f"expected one of {list(candidates)}")
+    ic = next((lower.index(c) for c in IMAGE_COLUMNS if c in lower), None)
+    cc = next((lower.index(c) for c in CAPTION_COLUMNS if c in lower), None)
+    if ic is None or cc is None:
+        cell = next((c for c in header if _looks_like_image(c, root)), None)
+        if cell is not None:
+            raise BadDataError(f"{where}: the first row looks like data, not a header ({cell!r} is an image); "
+                               f"add a header line such as image,caption")
+        what, names = ("image", IMAGE_COLUMNS) if ic is None else ("caption", CAPTION_COLUMNS)
+        shown = "tab" if table.sep == "\t" else repr(table.sep)
+        raise BadDataError(f"{where}: cannot find the {what} column; columns found: {header} (separator {shown}); "
+                           f"name the {what} column one of {', '.join(names)}")
+    if not table.rows:
+        raise BadDataError(f"{path}: a header line and no rows; add one line per image-caption pair")
+    return ic, cc
 
 
 def _resolve(ref: str, root: Path) -> str:
@@ -151,13 +193,12 @@ def _resolve(ref: str, root: Path) -> str:
 def load_captions_table(path: str | Path, image_root: str | Path | None = None) -> ImageTextSet:
     """A CSV/TSV with a header naming an image column and a caption column; captions grouped per image."""
     path = _need(path, "caption table")
-    header, rows, non_utf8 = _read_rows(path)
-    ic = _find_column(header, IMAGE_COLUMNS, "image", path)
-    cc = _find_column(header, CAPTION_COLUMNS, "caption", path)
+    table = _read_rows(path)
     root = Path(image_root).expanduser() if image_root is not None else path.parent
-    pairs, issues = _pairs(path, rows, ic, cc)
+    ic, cc = _columns(table, root)
+    pairs, issues = _pairs(path, table.rows, ic, cc)
     return _grouped(path.stem, [(_resolve(ref, root), c) for ref, c in pairs],
-                    issues={**issues, "non_utf8_rows": non_utf8})
+                    issues={**issues, "non_utf8_rows": table.non_utf8})
 
 
 # --------------------------------------------------------------------------------------------- flickr8k
@@ -165,19 +206,18 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
     """Flickr8k in its CSV layout: Images/, captions.txt, Flickr_8k.{train,dev,test}Images.txt."""
     root = _need(root, "Flickr8k folder")
     if split not in FLICKR_SPLITS:
-        raise ValueError(f"unknown Flickr8k split {split!r}; choose one of {sorted(FLICKR_SPLITS)}")
-    table = _need(root / "captions.txt", "Flickr8k captions file")
-    header, rows, non_utf8 = _read_rows(table)
-    ic = _find_column(header, IMAGE_COLUMNS, "image", table)
-    cc = _find_column(header, CAPTION_COLUMNS, "caption", table)
-    pairs, issues = _pairs(table, rows, ic, cc)
+        raise BadDataError(f"unknown Flickr8k split {split!r}; choose one of {', '.join(sorted(FLICKR_SPLITS))}")
+    table = _read_rows(_need(root / "captions.txt", "Flickr8k captions file", FLICKR_LAYOUT))
+    ic, cc = _columns(table, root / "Images")
+    pairs, issues = _pairs(table.path, table.rows, ic, cc)
     by_image: dict[str, list[str]] = defaultdict(list)
     for ref, caption in pairs:
         by_image[ref].append(caption)
     if FLICKR_SPLITS[split] is None:
         names = list(by_image)
     else:
-        split_file = _need(root / f"Flickr_8k.{FLICKR_SPLITS[split]}Images.txt", "Flickr8k split file")
+        split_file = _need(root / f"Flickr_8k.{FLICKR_SPLITS[split]}Images.txt", "Flickr8k split file",
+                           f"{FLICKR_LAYOUT}; or use split 'all'")
         names = [ln.strip() for ln in split_file.read_text().splitlines() if ln.strip()]
         missing = [n for n in names if n not in by_image]
         if missing:
@@ -186,17 +226,42 @@ def load_flickr8k(root: str | Path, split: str = "train") -> ImageTextSet:
             names = [n for n in names if n in by_image]
     images = root / "Images"
     pairs = [(str(images / n), c) for n in names for c in by_image[n]]
-    return _grouped(f"flickr8k-{split}", pairs, issues={**issues, "non_utf8_rows": non_utf8})
+    return _grouped(f"flickr8k-{split}", pairs, issues={**issues, "non_utf8_rows": table.non_utf8})
 
 
 # ------------------------------------------------------------------------------------------------- coco
+COCO_SHAPE = ("a COCO captions file is a JSON object with 'images' [{id, file_name}] and 'annotations' "
+              "[{image_id, caption}]")
+
+
+def _coco_json(path: Path, text: str) -> dict:
+    """The parsed file, checked to have the shape of COCO captions (each mistake one line naming it)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}); {COCO_SHAPE}") from None
+    if not isinstance(data, dict):
+        raise BadDataError(f"{path}: a JSON {type(data).__name__}, not an object; {COCO_SHAPE}")
+    for key in ("images", "annotations"):
+        if not isinstance(data.get(key), list):
+            raise BadDataError(f"{path}: no {key!r} list; {COCO_SHAPE}")
+    if not data["annotations"]:
+        raise BadDataError(f"{path}: 'annotations' is empty, so there are no captions; {COCO_SHAPE}")
+    for key, fields in (("images", ("id", "file_name")), ("annotations", ("image_id",))):
+        for k, entry in enumerate(data[key]):
+            if not isinstance(entry, dict) or any(f not in entry for f in fields):
+                raise BadDataError(f"{path}: {key}[{k}] has no {' or '.join(map(repr, fields))}; {COCO_SHAPE}")
+    if not any("caption" in a for a in data["annotations"]):
+        raise BadDataError(f"{path}: no annotation has a 'caption' (an instances or keypoints file?); use a "
+                           f"captions_*.json file")
+    return data
+
+
 def load_coco(json_path: str | Path, image_root: str | Path | None = None) -> ImageTextSet:
     """COCO captions JSON: images[{id, file_name}], annotations[{image_id, caption}]."""
     json_path = _need(json_path, "COCO captions file")
     text, non_utf8 = _read_text(json_path)
-    data = json.loads(text)
-    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
-        raise ValueError(f"{json_path}: not a COCO captions file (needs 'images' and 'annotations')")
+    data = _coco_json(json_path, text)
     root = Path(image_root).expanduser() if image_root is not None else json_path.parent
     by_id: dict[Any, list[str]] = defaultdict(list)
     empty = []
@@ -206,7 +271,9 @@ def load_coco(json_path: str | Path, image_root: str | Path | None = None) -> Im
             by_id[a["image_id"]].append(caption.strip())
         else:
             empty.append(f"{json_path} annotation #{k} (id {a.get('id')})")
-    pairs = [(_resolve(im["file_name"], root), c) for im in data["images"] for c in by_id.get(im["id"], [])]
+    pairs = [(_resolve(str(im["file_name"]), root), c) for im in data["images"] for c in by_id.get(im["id"], [])]
+    if by_id and not pairs:
+        raise BadDataError(f"{json_path}: no annotation's image_id is the id of an entry of 'images'; {COCO_SHAPE}")
     issues = {"empty_captions": Issue(len(data["annotations"]), empty),
               "non_utf8_rows": Issue(text.count("\n") + 1, [f"{json_path}:{n}" for n in non_utf8])}
     return _grouped(json_path.stem, pairs, issues=issues)
@@ -221,18 +288,35 @@ def _is_split_root(path: Path) -> bool:
     return any((path / s).is_dir() and _subdirs(path / s) for s in SPLIT_DIRS)
 
 
+def _no_classes(root: Path) -> str:
+    """Why a folder without class subfolders is no data set, and what it could be instead."""
+    files = sorted(f for f in root.iterdir() if f.is_file())
+    tables = [f for f in files if f.suffix.lower() in (".csv", ".tsv", ".json")]
+    if tables:
+        return (f"{root}: no class subfolders (expected {root}/<class>/<image>); it holds {tables[0].name}: "
+                f"give data={tables[0]}")
+    n = sum(f.suffix.lower() in IMAGE_EXTS for f in files)
+    if n:
+        return (f"{root}: {n} image{'s' * (n != 1)} but no class subfolders; move them into {root}/<class>/ "
+                f"folders (each class name becomes a caption), or list them with captions in a .csv with a header "
+                f"line image,caption")
+    return f"{root}: no class subfolders and no images; an image folder holds {root}/<class>/<image> files"
+
+
 def load_image_folder(root: str | Path, templates: list[str] | None = None, seed: int = 0,
                       split: str | None = None) -> ImageTextSet:
     """A classification tree root/<class>/<image>; one caption per image from a seeded random template."""
     root = _need(root, "image folder")
     if split is not None:
-        root = _need(root / split, f"split {split!r} of image folder")
+        subdirs = [d.name for d in _subdirs(root)]
+        root = _need(root / split, f"split {split!r} of image folder",
+                     f"its subfolders: {', '.join(subdirs)}" if subdirs else f"{root} has no subfolders")
     elif _is_split_root(root):
         found = [s for s in SPLIT_DIRS if (root / s).is_dir()]
-        raise ValueError(f"{root} holds splits {found}: pick one, e.g. 'folder:{root}:{found[0]}'")
+        raise BadDataError(f"{root} holds splits {found}: pick one, e.g. 'folder:{root}:{found[0]}'")
     classes = _subdirs(root)
     if not classes:
-        raise ValueError(f"{root}: no class subfolders found (expected root/<class>/<image>)")
+        raise BadDataError(_no_classes(root))
     templates = list(templates or DEFAULT_TEMPLATES)
     rng = random.Random(seed)
     images, labels, captions = [], [], []
@@ -243,6 +327,9 @@ def load_image_folder(root: str | Path, templates: list[str] | None = None, seed
                 images.append(str(f))
                 labels.append(label)
                 captions.append(rng.choice(templates).format(classnames[label]))
+    if not images:
+        raise BadDataError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in its {len(classes)} class "
+                           f"folders (e.g. {classes[0].name}/)")
     name = f"{root.parent.name}-{root.name}" if split else root.name
     return ImageTextSet(name=name, images=images, load=load_path, captions=captions,
                         caption_image=list(range(len(images))), labels=labels, classnames=classnames)
@@ -252,7 +339,7 @@ def load_image_folder(root: str | Path, templates: list[str] | None = None, seed
 def _shared(sub: str) -> Path:
     base = shared_data_dir()
     if base is None:
-        raise FileNotFoundError(f"no shared data folder for {sub!r}: set VLPT_SHARED_DATA or give a path")
+        raise BadDataError(f"no shared data folder for {sub!r}: set VLPT_SHARED_DATA or give a path")
     return base / sub
 
 
@@ -278,7 +365,7 @@ def _auto(path: Path) -> ImageTextSet:
     if suffix == ".tar":
         from .webdataset_io import read_shards
         return read_shards(str(path))[0]
-    raise ValueError(f"cannot tell what kind of data {path} is; write KIND:PATH with KIND in {list(KINDS)}")
+    raise BadDataError(f"cannot tell what kind of data {path} is; {SPECS}")
 
 
 def _open_kind(kind: str, rest: str | None) -> ImageTextSet:
@@ -294,10 +381,10 @@ def _open_kind(kind: str, rest: str | None) -> ImageTextSet:
         return load_flickr8k(path, split or "train")
     if kind == "cifar10":
         if not rest:
-            raise ValueError("cifar10 needs a split: cifar10:train or cifar10:test")
+            raise BadDataError("cifar10 needs a split: cifar10:train or cifar10:test")
         return load_image_folder(_shared("cifar10"), split=rest)
     if not rest:
-        raise ValueError(f"data spec {kind!r} needs a path: {kind}:PATH")
+        raise BadDataError(f"data spec {kind!r} needs a path: {kind}:PATH")
     if kind in ("csv", "tsv"):
         return load_captions_table(rest)
     if kind == "coco":
@@ -319,7 +406,7 @@ def open_source(spec: str) -> ImageTextSet:
     from .mixing import parse_mixture
     spec = spec.strip()
     if not spec:
-        raise ValueError("empty data spec")
+        raise BadDataError(f"empty data spec; {SPECS}")
     if Path(spec).expanduser().exists():
         return _auto(Path(spec).expanduser())
     parts = parse_mixture(spec)
@@ -333,10 +420,11 @@ def open_source(spec: str) -> ImageTextSet:
         return _open_kind("wds", spec)
     if not (sep and re.fullmatch(r"[A-Za-z][\w-]*", kind)) and (
             "/" in spec or Path(spec).suffix or spec.startswith((".", "~"))):
-        raise FileNotFoundError(f"data path not found: {spec}")
+        raise BadDataError(f"data path not found: {spec}; {SPECS}")
     near = difflib.get_close_matches(kind, KINDS, n=1)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
-    raise ValueError(f"unknown data kind {kind!r}{hint}; valid kinds: {', '.join(KINDS)}, or a path")
+    raise BadDataError(f"unknown data kind {kind!r}{hint}; valid kinds: {', '.join(KINDS)}, or a path "
+                       f"(see `vlpt data --help`)")
 
 
 def open_data(spec: str) -> tuple[ImageTextSet, torch.Tensor | None]:
@@ -354,7 +442,8 @@ def open_data(spec: str) -> tuple[ImageTextSet, torch.Tensor | None]:
 
 
 # ------------------------------------------------------------------------------------------ bad images
-def _ref_name(s: ImageTextSet, i: int) -> str:
+def ref_name(s: ImageTextSet, i: int) -> str:
+    """Image `i` of `s` as messages name it."""
     ref = s.images[i]
     if isinstance(ref, (bytes, bytearray, int)):
         return f"{s.name} image #{i}"
@@ -362,25 +451,58 @@ def _ref_name(s: ImageTextSet, i: int) -> str:
 
 
 def _too_many(what: str, names: list[str], total: int, name: str, limit: float) -> BadDataError:
-    shown = "\n  ".join(names[:10])
-    more = f"\n  ... and {len(names) - 10} more" if len(names) > 10 else ""
     return BadDataError(
         f"{len(names)} of {total} {what} ({len(names) / total:.1%}) in {name!r} are unusable, more than "
-        f"data.max_bad_fraction={limit}:\n  {shown}{more}\n"
-        f"Fix or remove them, or raise data.max_bad_fraction to skip them.")
+        f"data.max_bad_fraction={limit} (first: {names[0]}); fix or remove them (`vlpt data info SPEC --check` "
+        f"lists them all), or raise data.max_bad_fraction to skip them")
+
+
+def issue_error(s: ImageTextSet, max_bad_fraction: float) -> BadDataError | None:
+    """Why training refuses the input a loader dropped (too much of it, or nothing left); None: it does not."""
+    for kind, issue in s.issues.items():
+        if kind in DROPPING and issue.names and len(issue.names) / issue.total > max_bad_fraction:
+            return _too_many(kind.replace("_", " ").replace("bad ", "unreadable "), issue.names, issue.total,
+                             s.name, max_bad_fraction)
+    if not len(s):
+        return BadDataError(f"{s.name!r} has no image-caption pairs to train on")
+    return None
 
 
 def check_issues(s: ImageTextSet, max_bad_fraction: float) -> None:
     """Warn about input a loader skipped or repaired; raise BadDataError when too much was skipped."""
+    error = issue_error(s, max_bad_fraction)
+    if error is not None:
+        raise error
     for kind, issue in s.issues.items():
-        if not issue.names:
-            continue
-        if kind in DROPPING and len(issue.names) / issue.total > max_bad_fraction:
-            raise _too_many(kind.replace("_", " ").replace("bad ", "unreadable "), issue.names, issue.total,
-                            s.name, max_bad_fraction)
-        verb = "skipped" if kind in DROPPING else "repaired"
-        print(f"warning: {verb} {len(issue.names)} of {issue.total} {kind} in {s.name!r} (first: {issue.names[0]})",
-              file=sys.stderr)
+        if issue.names:
+            verb = "skipped" if kind in DROPPING else "repaired"
+            print(f"warning: {verb} {len(issue.names)} of {issue.total} {kind} in {s.name!r} (first: {issue.names[0]})",
+                  file=sys.stderr)
+
+
+def image_error(s: ImageTextSet, bad: list[str], max_bad_fraction: float) -> BadDataError | None:
+    """Why training refuses a set whose images `bad` cannot be read; None when it skips them."""
+    if s.num_images and len(bad) / s.num_images > max_bad_fraction:
+        return _too_many("images", bad, s.num_images, s.name, max_bad_fraction)
+    return None
+
+
+def read_images(s: ImageTextSet, size: int, progress: bool = True) -> Iterator[tuple[torch.Tensor | None, str | None]]:
+    """Each image of `s` in order, decoded to uint8 [3,size,size] on a few threads: (image, None), or
+    (None, "name (error)") for one that cannot be read."""
+    from tqdm import tqdm
+
+    def work(i: int):
+        try:
+            return to_uint8(s.load(s.images[i]), size), None
+        except Exception as e:  # corrupt, truncated, missing, unreadable: all count as bad
+            return None, f"{ref_name(s, i)} ({type(e).__name__}: {e})"
+
+    n = s.num_images
+    threads = max(2, min(4, os.cpu_count() or 2))
+    with ThreadPoolExecutor(threads) as pool:
+        yield from tqdm(pool.map(work, range(n), chunksize=1), total=n, desc=f"decoding {s.name}", unit="img",
+                        file=sys.stderr, disable=not progress, leave=False)
 
 
 def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
@@ -390,31 +512,18 @@ def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
     Returns (good images, the set restricted to them, names of the bad ones). Raises BadDataError when
     more than `max_bad_fraction` of the images are bad.
     """
-    from tqdm import tqdm
-
-    def work(i: int):
-        try:
-            return to_uint8(s.load(s.images[i]), size), None
-        except Exception as e:  # corrupt, truncated, missing, unreadable: all count as bad
-            return None, f"{type(e).__name__}: {e}"
-
-    n = s.num_images
-    out = torch.empty((n, 3, size, size), dtype=torch.uint8)
+    out = torch.empty((s.num_images, 3, size, size), dtype=torch.uint8)
     good: list[int] = []
     bad: list[tuple[str, str]] = []
-    threads = max(2, min(4, os.cpu_count() or 2))
-    with ThreadPoolExecutor(threads) as pool:
-        results = pool.map(work, range(n), chunksize=1)
-        bar = tqdm(results, total=n, desc=f"decoding {s.name}", unit="img", file=sys.stderr,
-                   disable=not progress, leave=False)
-        for i, (img, err) in enumerate(bar):
-            if img is None:
-                bad.append((_ref_name(s, i), err))
-            else:
-                out[len(good)] = img
-                good.append(i)
-    if n and len(bad) / n > max_bad_fraction:
-        raise _too_many("images", [f"{name} ({err})" for name, err in bad], n, s.name, max_bad_fraction)
+    for i, (img, err) in enumerate(read_images(s, size, progress)):
+        if img is None:
+            bad.append((ref_name(s, i), err))
+        else:
+            out[len(good)] = img
+            good.append(i)
+    error = image_error(s, [err for _, err in bad], max_bad_fraction)
+    if error is not None:
+        raise error
     if bad:
         print(f"warning: skipped {len(bad)} unreadable images of {s.name!r} (first: {bad[0][0]})",
               file=sys.stderr)

@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 
 from .dataset import ImageTextSet, Issue
+from .sources import BadDataError
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -121,7 +122,8 @@ def expand_urls(urls: str | list[str]) -> list[str]:
         else:
             found = [u]
         if not any(os.path.exists(f) for f in found):
-            raise FileNotFoundError(f"no shards found for {u}")
+            raise BadDataError(f"no shards found for {u}; give a .tar file, a folder of them, a glob or a brace "
+                               f"pattern such as 'shards/{{000000..000009}}.tar'")
         out.extend(found)
     return out
 

@@ -46,14 +46,14 @@ def decode_training_data(cfg: Config, data, weights, progress: bool):
     return data, images, weights, bad
 
 
-def tokenize(tokenizer: TextTokenizer, captions: list[str]) -> tuple[torch.Tensor, int]:
-    """Token ids [N, L] as `tokenizer(captions)` gives them, and how many captions were cut to fit L."""
+def tokenize(tokenizer: TextTokenizer, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, L] as `tokenizer(captions)` gives them, and which captions were cut to fit L (bool [N])."""
     n = tokenizer.context_length
     longer = TextTokenizer(tokenizer.tok, n + 1)(captions)
     cut = longer[:, n] == tokenizer.eot_id  # with one more position, a caption that did not fit ends there
     tokens = longer[:, :n].clone()
     tokens[cut, n - 1] = tokenizer.eot_id
-    return tokens, int(cut.sum())
+    return tokens, cut
 
 
 def inherited_tokenizer(cfg: Config) -> str | None:

@@ -95,7 +95,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     distributed.barrier()
 
     tokenizer = make_tokenizer(cfg, data.captions, run_dir)
-    tokens, long_captions = tokenize(tokenizer, data.captions)
+    tokens, cut = tokenize(tokenizer, data.captions)
     module = build(cfg, tokenizer.vocab)
     if last is None:
         init_towers(module.model, cfg.model.init)
@@ -122,7 +122,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         trim_metrics(run_dir / "metrics.jsonl", start)
     log = MetricsLog(run_dir, enabled=main)
     log.write(start, "data", {"images": data.num_images, "captions": len(data), "bad_images": len(bad),
-                              "long_captions": long_captions, **{k: len(i.names) for k, i in data.issues.items()}})
+                              "long_captions": int(cut.sum()), **{k: len(i.names) for k, i in data.issues.items()}})
     bad_images = BadImageBudget(counters, cfg.data.max_bad_fraction)
     streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps, log)
     bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfg.recipe}", unit="step",
