@@ -57,12 +57,12 @@ def luma(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other, clamped to [0, 255]; `factor` [B]."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp(0, 255)
+    return torch.lerp(other, x, factor.view(-1, 1, 1, 1)).clamp_(0, 255)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
+    """A blend with black."""
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 255)
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -76,19 +76,20 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotates the HSV hue of every pixel by `shift` [B] turns, keeping saturation and value."""
-    u = x / 255
-    r, g, b = u.unbind(1)
-    v, c = u.amax(1), u.amax(1) - u.amin(1)  # value and chroma
+    """Rotates the HSV hue of every pixel by `shift` [B] turns, keeping saturation and value (torchvision's
+    adjust_hue; hue is scale-free, so this works on the 0-255 values directly)."""
+    r, g, b = x.unbind(1)
+    v = x.amax(1)
+    c = v - x.amin(1)  # value and chroma
     div = torch.where(c > 0, c, torch.ones_like(c))
     on_r = r == v  # the channel that holds the maximum picks the hue's sector (red first on ties)
     on_g = ~on_r & (g == v)
     sixths = torch.where(on_r, (g - b) / div, torch.where(on_g, 2 + (b - r) / div, 4 + (r - g) / div))
-    hue = torch.remainder(sixths / 6 + shift.view(-1, 1, 1), 1.0)
-    # back to RGB: channel n (5, 3, 1 for R, G, B) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + 6 hue) mod 6
+    hue6 = torch.remainder(sixths + 6 * shift.view(-1, 1, 1), 6.0)  # in sixths of a turn
+    # back to RGB: channel n (5, 3, 1 for R, G, B) is v - c * clamp(min(k, 4 - k), 0, 1), k = (n + hue6) mod 6
     n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(n + 6 * hue.unsqueeze(1), 6.0)
-    return 255 * (v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp(0, 1))
+    k = torch.remainder(n + hue6.unsqueeze(1), 6.0)
+    return v.unsqueeze(1) - c.unsqueeze(1) * torch.minimum(k, 4 - k).clamp_(0, 1)
 
 
 JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
