@@ -2,6 +2,8 @@
 views as pure functions of (seed, step, rank), the presets, and configs saved before these keys existed."""
 import colorsys
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +291,13 @@ def test_text_dropout_acts_on_text_views_in_training_only():
     model.eval()
     out = model(batch, needs)
     torch.testing.assert_close(out["text_embed@text_views"][0], out["text_embed"])
+
+
+def test_the_guides_views_example_resolves_and_names_every_preset():
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    section = guide[guide.index("## Views"):guide.index("## Starting from weights")]
+    example = config.yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    v = config.resolve("clip", example | {"train": {"steps": 1}}).views
+    assert v.image.crop_scale == [0.5, 1.0] and v.image_views.count == 2 and v.image_views.grayscale == 0.2
+    for name in list(config.IMAGE_PRESETS) + list(config.TEXT_PRESETS):
+        assert f"| `{name}` |" in section
