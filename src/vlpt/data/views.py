@@ -30,7 +30,8 @@ def step_generator(*parts) -> torch.Generator:
 def image_view(images: torch.Tensor, view: ImageViewConfig, generator: torch.Generator) -> torch.Tensor:
     """One pipeline applied to uint8 images [B,3,H,W] -> float [B,3,H,W] (0-255): crop and flip, colour
     jitter, grayscale, blur, solarize (SimCLR's order; its flip comes last, but commutes with the others).
-    An operation that is off draws nothing, so adding one never changes the views of the others."""
+    An operation that is off draws nothing from the generator: a view without the later operations is the
+    one it was before they existed."""
     x = random_resized_crop(images, tuple(view.crop_scale), generator, tuple(view.crop_ratio), view.flip)
     if view.color_jitter_p > 0 and any(view.color_jitter):
         x = random_color_jitter(x, view.color_jitter, view.color_jitter_p, generator)
