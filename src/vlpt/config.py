@@ -110,11 +110,22 @@ class DataConfig:
 
 @dataclass
 class ImageViewConfig:
-    """One augmentation pipeline, run batched on the training device (data/views.py)."""
+    """One augmentation pipeline, run batched on the training device (data/views.py), in this order: crop
+    and flip, colour jitter, grayscale, blur, solarize. `preset` names a set of these keys (IMAGE_PRESETS);
+    keys given beside it override it."""
 
+    preset: str | None = None
     crop_scale: list[float] = field(default_factory=lambda: [0.9, 1.0])  # random resized crop; [1, 1] = off
     crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])  # its aspect-ratio range
     flip: float = 0.0  # probability of a horizontal flip
+    # torchvision's ColorJitter: brightness, contrast, saturation factors in [max(0, 1-x), 1+x], a hue shift
+    # in [-h, h] (h <= 0.5), in a random order per image; applied with probability color_jitter_p
+    color_jitter: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    color_jitter_p: float = 1.0
+    grayscale: float = 0.0  # probability of replacing the image by its luma (0.299 R + 0.587 G + 0.114 B)
+    blur: float = 0.0  # probability of a Gaussian blur with sigma drawn in blur_sigma
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize: float = 0.0  # probability of inverting every value >= 128 (of 255)
 
 
 @dataclass
@@ -122,17 +133,53 @@ class ImageViewsConfig(ImageViewConfig):
     count: int = 0  # extra views per image: batch["image_views"] [count, B, 3, H, W]
 
 
+EDA_OPS = ("synonym_replacement", "random_insertion", "random_swap", "random_deletion")
+
+
 @dataclass
 class TextViewConfig:
-    """One text augmentation pipeline, run on each caption's words in the loader (data/views.py)."""
+    """One text augmentation pipeline, run on each caption's words in the loader (data/views.py): stop-word
+    removal, then the EDA operations (all that are on, in EDA_OPS order; or one per caption drawn by `eda`).
+    `preset` names a set of these keys (TEXT_PRESETS); keys given beside it override it."""
 
-    random_swap: float = 0.0  # EDA: swap two random words, max(1, p * words) times (0 = off)
-    random_deletion: float = 0.0  # EDA: delete each word with this probability (one word always stays)
+    preset: str | None = None
+    stopwords: float = 0.0  # probability of removing a caption's English stop words (kept if nothing is left)
+    # EDA's strengths (Wei & Zou 2019): n = max(1, int(x * words)) replacements, insertions or swaps; deletion:
+    # each word with probability x (one word always stays). 0 = off
+    synonym_replacement: float = 0.0  # n distinct words, each everywhere it occurs, by a WordNet synonym
+    random_insertion: float = 0.0  # n times, a synonym of a random word inserted at a random position
+    random_swap: float = 0.0  # n times, two random positions exchange their words
+    random_deletion: float = 0.0
+    # {op: probability}: each caption gets at most one of these ops (none with the remaining probability),
+    # with its strength above, as clip-rocket does; empty = every op whose strength is > 0
+    eda: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
 class TextViewsConfig(TextViewConfig):
     count: int = 0  # extra views per caption: batch["text_views"] [count, B, L]
+    # clip-rocket's "text dropout": dropout with this probability on the text tower's hidden states at the
+    # input of every block when it encodes these views (training only); not a change of the words
+    dropout: float = 0.0
+
+
+# Named view settings (docs/guide.md, "Views", gives their sources): `views.image_views: {preset: simclr}`
+IMAGE_PRESETS = {
+    # SLIP's CLIP view and clip-rocket's global image view: RandomResizedCrop(scale 0.5-1), no flip
+    "global": {"crop_scale": [0.5, 1.0]},
+    # SLIP's SimCLR views, clip-rocket's strong views
+    "simclr": {"crop_scale": [0.08, 1.0], "color_jitter": [0.4, 0.4, 0.4, 0.1], "color_jitter_p": 0.8,
+               "grayscale": 0.2, "blur": 0.5, "blur_sigma": [0.1, 2.0], "flip": 0.5},
+}
+TEXT_PRESETS = {
+    # clip-rocket's global text: stop words removed with probability 0.8
+    "global": {"stopwords": 0.8},
+    # clip-rocket's strong texts: the same, then one EDA op drawn with 0.4 / 0.4 / 0.2 at textaugment's default
+    # strengths (one word replaced, one swap: n = max(1, int(0.01 * words)) = 1 under 100 words; deletion 0.1),
+    # and text dropout 0.2 (its CC3M runs)
+    "strong": {"stopwords": 0.8, "eda": {"synonym_replacement": 0.4, "random_swap": 0.4, "random_deletion": 0.2},
+               "synonym_replacement": 0.01, "random_swap": 0.01, "random_deletion": 0.1, "dropout": 0.2},
+}
 
 
 @dataclass
@@ -318,6 +365,30 @@ def _migrate(raw: dict, saved: bool) -> None:
         target.setdefault(new[-1], value)
 
 
+VIEW_SECTIONS = {"image": IMAGE_PRESETS, "image_views": IMAGE_PRESETS, "text": TEXT_PRESETS, "text_views": TEXT_PRESETS}
+
+
+def _check_view_preset(section: str, name) -> dict:
+    presets = VIEW_SECTIONS[section]
+    if name not in presets:
+        raise ConfigError(f"views.{section}.preset={name!r} is not a preset; choose from {', '.join(presets)}")
+    return presets[name]
+
+
+def _expand_view_presets(views) -> None:
+    """`views.SECTION: {preset: NAME, k: v}` -> the preset's keys, then k: v on top (in place). A saved
+    config keeps `preset` beside every key, so expanding it again changes nothing."""
+    for section in VIEW_SECTIONS:
+        node = views.get(section) if isinstance(views, dict) else None
+        if not isinstance(node, dict) or node.get("preset") is None:
+            continue
+        preset = _check_view_preset(section, node["preset"])
+        if "dropout" in preset and section != "text_views":  # only the text tower's encoding of extra views has it
+            raise ConfigError(f"views.{section}.preset={node['preset']} sets dropout, which only views.text_views "
+                              f"has; use that preset under views.text_views")
+        node.update({**copy.deepcopy(preset), **node})  # a key beside the preset replaces the preset's whole value
+
+
 def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
     """Recipe YAML <- model preset <- overrides, then validated."""
     from vlpt.models.presets import PRESETS  # models import config; keep the import one-way at load time
@@ -333,6 +404,7 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
                 d[section] = {key: d[section]}
     raw = deep_merge(raw, top)
     _migrate(raw, saved=False)
+    _expand_view_presets(raw.get("views"))
     model = raw.get("model", {})
     preset = model.get("preset", ModelConfig.preset)
     if preset not in PRESETS:
@@ -443,24 +515,57 @@ def _validate_numbers(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be {must}")
 
 
+def _validate_image_view(key: str, view: ImageViewConfig) -> None:
+    if view.preset is not None:
+        _check_view_preset(key, view.preset)
+    lo, hi = (view.crop_scale + [0, 0])[:2]
+    if len(view.crop_scale) != 2 or not 0 < lo <= hi <= 1:
+        raise ConfigError(f"views.{key}.crop_scale={view.crop_scale} must be [min, max] with 0 < min <= max <= 1")
+    if len(view.crop_ratio) != 2 or not 0 < view.crop_ratio[0] <= view.crop_ratio[1]:
+        raise ConfigError(f"views.{key}.crop_ratio={view.crop_ratio} must be [min, max] with 0 < min <= max")
+    for p in ("flip", "color_jitter_p", "grayscale", "blur", "solarize"):
+        if not 0 <= getattr(view, p) <= 1:
+            raise ConfigError(f"views.{key}.{p}={getattr(view, p)} is a probability: pick a value in [0, 1]")
+    cj = view.color_jitter
+    if len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
+        raise ConfigError(f"views.{key}.color_jitter={cj} must be [brightness, contrast, saturation, hue], "
+                          f"each >= 0 and hue <= 0.5 (e.g. [0.4, 0.4, 0.4, 0.1])")
+    if len(view.blur_sigma) != 2 or not 0 < view.blur_sigma[0] <= view.blur_sigma[1]:
+        raise ConfigError(f"views.{key}.blur_sigma={view.blur_sigma} must be [min, max] with 0 < min <= max "
+                          f"(e.g. [0.1, 2.0])")
+
+
+def _validate_text_view(key: str, view: TextViewConfig) -> None:
+    if view.preset is not None:
+        _check_view_preset(key, view.preset)
+    for op in ("stopwords",) + EDA_OPS:
+        if not 0 <= getattr(view, op) <= 1:
+            raise ConfigError(f"views.{key}.{op}={getattr(view, op)} must be in [0, 1]")
+    for op, p in view.eda.items():
+        if op not in EDA_OPS:
+            raise ConfigError(f"views.{key}.eda names '{op}'; its keys are EDA operations: {', '.join(EDA_OPS)}")
+        if p < 0:
+            raise ConfigError(f"views.{key}.eda.{op}={p} is a probability: it must be >= 0")
+        if p > 0 and getattr(view, op) == 0:
+            raise ConfigError(f"views.{key}.eda.{op}={p} draws {op}, whose strength views.{key}.{op} is 0; "
+                              f"set it (e.g. views.{key}.{op}=0.1)")
+    if sum(view.eda.values()) > 1 + 1e-6:
+        raise ConfigError(f"views.{key}.eda={view.eda}: its probabilities add up to more than 1")
+
+
 def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
-    from vlpt.models.outputs import split_need
+    from vlpt.models.outputs import split_need, towers_of
 
     views = cfg.views
     for key in ("image", "image_views"):
-        view = getattr(views, key)
-        lo, hi = (view.crop_scale + [0, 0])[:2]
-        if len(view.crop_scale) != 2 or not 0 < lo <= hi <= 1:
-            raise ConfigError(f"views.{key}.crop_scale={view.crop_scale} must be [min, max] with 0 < min <= max <= 1")
-        if len(view.crop_ratio) != 2 or not 0 < view.crop_ratio[0] <= view.crop_ratio[1]:
-            raise ConfigError(f"views.{key}.crop_ratio={view.crop_ratio} must be [min, max] with 0 < min <= max")
-        if not 0 <= view.flip <= 1:
-            raise ConfigError(f"views.{key}.flip={view.flip} is a probability: pick a value in [0, 1]")
+        _validate_image_view(key, getattr(views, key))
     for key in ("text", "text_views"):
-        view = getattr(views, key)
-        for op in ("random_swap", "random_deletion"):
-            if not 0 <= getattr(view, op) <= 1:
-                raise ConfigError(f"views.{key}.{op}={getattr(view, op)} must be in [0, 1]")
+        _validate_text_view(key, getattr(views, key))
+    if not 0 <= views.text_views.dropout < 1:
+        raise ConfigError(f"views.text_views.dropout={views.text_views.dropout} must be in [0, 1)")
+    if views.text_views.dropout > 0 and "text" not in towers_of(cfg.model, frozenset().union(*needs.values())):
+        raise ConfigError("views.text_views.dropout acts in the text tower, which this recipe does not have (a CoCa "
+                          "decoder's text layers take none); set views.text_views.dropout=0")
     for key in ("image_views", "text_views"):
         if getattr(views, key).count < 0:
             raise ConfigError(f"views.{key}.count must be >= 0")

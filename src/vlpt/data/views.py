@@ -1,19 +1,23 @@
 """Views: what objectives see of each image and caption (DESIGN.md, "Views").
 
-Image views run on the batch, on the device it trains on: one `grid_sample` does every example's random
-resized crop and flip. Text views run in the loader on each caption's words. Both draw from generators
-seeded by (seed, step, rank), so the views of step k are the same whatever happened before: resuming needs
-no saved augmentation state.
+Image views run on the batch, on the device it trains on (data/image_ops.py): one `grid_sample` does every
+example's random resized crop and flip, then colour jitter, grayscale, blur and solarize change the examples
+they draw. Text views run in the loader on each caption's words (data/text_ops.py). Both draw from CPU
+generators seeded by (seed, step, rank), so the views of step k are the same whatever happened before and
+on whichever device: resuming needs no saved augmentation state.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
-import torch.nn.functional as F
 
-from vlpt.config import ImageViewConfig, TextViewConfig, ViewsConfig
+from vlpt.config import EDA_OPS, ImageViewConfig, TextViewConfig, ViewsConfig
+from vlpt.data.image_ops import (random_blur, random_color_jitter, random_grayscale, random_resized_crop,
+                                 random_solarize)
+from vlpt.data.text_ops import random_deletion, random_insertion, random_swap, remove_stopwords, synonym_replacement
+from vlpt.data.thesaurus import INSTALL, find_wordnet, wordnet
+from vlpt.typed import ConfigError
 
 
 def step_generator(*parts) -> torch.Generator:
@@ -23,41 +27,21 @@ def step_generator(*parts) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------------ image views
-def random_resized_crop(
-    images: torch.Tensor,
-    scale: tuple[float, float],
-    generator: torch.Generator,
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    flip: float = 0.0,
-) -> torch.Tensor:
-    """Per example: a crop of area fraction in `scale` and aspect ratio in `ratio`, resized back to the input
-    size (bilinear), mirrored with probability `flip`. Returns float images on the 0-255 scale. Randomness
-    comes from `generator` (CPU), so the result does not depend on the device."""
-    b, _, h, w = images.shape
-    x = images.float()
-    mirror = torch.rand(b, generator=generator) < flip if flip > 0 else None
-    if scale[0] >= 1.0:
-        if mirror is None:
-            return x
-        return torch.where(mirror.to(x.device)[:, None, None, None], x.flip(-1), x)
-    area = torch.empty(b).uniform_(scale[0], scale[1], generator=generator)
-    log_r = torch.empty(b).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=generator)
-    r = log_r.exp()
-    cw = (area * r).sqrt().clamp(max=1.0)  # crop width/height as fractions of the image
-    ch = (area / r).sqrt().clamp(max=1.0)
-    cx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - cw)  # centre, in [-1, 1] coordinates
-    cy = (torch.rand(b, generator=generator) * 2 - 1) * (1 - ch)
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = cw, cx, ch, cy
-    if mirror is not None:  # a flip is a negative horizontal scale of the same sampling grid
-        theta[:, 0, 0] = torch.where(mirror, -cw, cw)
-    grid = F.affine_grid(theta.to(x.device), [b, 3, h, w], align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def image_view(images: torch.Tensor, view: ImageViewConfig, generator: torch.Generator) -> torch.Tensor:
-    """One pipeline applied to uint8 images [B,3,H,W] -> float [B,3,H,W] (0-255)."""
-    return random_resized_crop(images, tuple(view.crop_scale), generator, tuple(view.crop_ratio), view.flip)
+    """One pipeline applied to uint8 images [B,3,H,W] -> float [B,3,H,W] (0-255): crop and flip, colour
+    jitter, grayscale, blur, solarize (SimCLR's order; its flip comes last, but commutes with the others).
+    An operation that is off draws nothing from the generator: a view without the later operations is the
+    one it was before they existed."""
+    x = random_resized_crop(images, tuple(view.crop_scale), generator, tuple(view.crop_ratio), view.flip)
+    if view.color_jitter_p > 0 and any(view.color_jitter):
+        x = random_color_jitter(x, view.color_jitter, view.color_jitter_p, generator)
+    if view.grayscale > 0:
+        x = random_grayscale(x, view.grayscale, generator)
+    if view.blur > 0:
+        x = random_blur(x, view.blur, tuple(view.blur_sigma), generator)
+    if view.solarize > 0:
+        x = random_solarize(x, view.solarize, generator)
+    return x
 
 
 class ImageViews:
@@ -78,43 +62,58 @@ class ImageViews:
 
 
 # ------------------------------------------------------------------------------------------- text views
-def random_swap(words: list[str], p: float, g: torch.Generator) -> list[str]:
-    """EDA's random swap: max(1, p * n) times, two random positions exchange their words."""
-    words = list(words)
-    if p <= 0 or len(words) < 2:
-        return words
-    for _ in range(max(1, int(p * len(words)))):
-        i, j = torch.randint(len(words), (2,), generator=g).tolist()
-        words[i], words[j] = words[j], words[i]
-    return words
-
-
-def random_deletion(words: list[str], p: float, g: torch.Generator) -> list[str]:
-    """EDA's random deletion: each word goes with probability p; one random word stays if none would."""
-    if p <= 0 or not words:
-        return list(words)
-    drop = (torch.rand(len(words), generator=g) < p).tolist()
-    kept = [w for w, d in zip(words, drop) if not d]
-    return kept or [words[int(torch.randint(len(words), (1,), generator=g))]]
-
-
-def text_view(caption: str, view: TextViewConfig, g: torch.Generator) -> str:
-    words = caption.split()
-    words = random_swap(words, view.random_swap, g)
-    words = random_deletion(words, view.random_deletion, g)
-    return " ".join(words)
+def eda_ops(view: TextViewConfig) -> list[str]:
+    """The EDA operations a caption may get from this view, in EDA_OPS order."""
+    return [op for op in EDA_OPS if getattr(view, op) > 0 and (not view.eda or view.eda.get(op, 0) > 0)]
 
 
 def is_identity(view: TextViewConfig) -> bool:
-    return view.random_swap == 0 and view.random_deletion == 0
+    return view.stopwords == 0 and not eda_ops(view)
+
+
+def _draw_op(eda: dict[str, float], g: torch.Generator) -> str | None:
+    """One of eda's operations with its probability; None with the probability left over."""
+    u, total = float(torch.rand(1, generator=g)), 0.0
+    for op in EDA_OPS:
+        total += eda.get(op, 0.0)
+        if u < total:
+            return op
+    return None
+
+
+def text_view(caption: str, view: TextViewConfig, g: torch.Generator) -> str:
+    """Stop-word removal (with its probability), then every EDA operation that is on, in EDA_OPS order, or,
+    with `view.eda`, the one drawn for this caption."""
+    words = caption.split()
+    if view.stopwords > 0 and float(torch.rand(1, generator=g)) < view.stopwords:
+        words = remove_stopwords(words)
+    ops = [_draw_op(view.eda, g)] if view.eda else eda_ops(view)
+    for op in ops:
+        if op == "synonym_replacement":
+            words = synonym_replacement(words, view.synonym_replacement, g, wordnet())
+        elif op == "random_insertion":
+            words = random_insertion(words, view.random_insertion, g, wordnet())
+        elif op == "random_swap":
+            words = random_swap(words, view.random_swap, g)
+        elif op == "random_deletion":
+            words = random_deletion(words, view.random_deletion, g)
+    return " ".join(words)
 
 
 class TextViews:
     """Captions -> the texts objectives read: batch["text"] through views.text and, with
-    views.text_views.count = V > 0, V more through views.text_views (tokenised by the caller)."""
+    views.text_views.count = V > 0, V more through views.text_views (tokenised by the caller).
+
+    Synonym replacement and insertion read WordNet (data/thesaurus.py); a view that uses them on a machine
+    without it is a ConfigError here, when the run starts."""
 
     def __init__(self, cfg: ViewsConfig, seed: int, rank: int = 0):
         self.cfg, self.seed, self.rank = cfg, seed, rank
+        used = [("text", cfg.text)] + ([("text_views", cfg.text_views)] if cfg.text_views.count else [])
+        for section, view in used:
+            for op in ("synonym_replacement", "random_insertion"):
+                if op in eda_ops(view) and find_wordnet() is None:
+                    raise ConfigError(f"views.{section}.{op} needs WordNet, which this machine lacks: {INSTALL}")
 
     @property
     def active(self) -> bool:

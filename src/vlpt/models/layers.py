@@ -50,8 +50,12 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.grad_checkpointing = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,
+                dropout: float = 0.0) -> torch.Tensor:
+        """`dropout`: on the hidden states at the input of every block, in training (clip-rocket's text dropout)."""
         for block in self.blocks:
+            if dropout > 0:
+                x = F.dropout(x, dropout, self.training)
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, causal, use_reentrant=False)
             else:

@@ -19,9 +19,11 @@ from vlpt.models.text import TextTransformer
 from vlpt.models.vision import VisionTransformer
 
 class ImageTextModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab: Vocab, needs: frozenset[str] = CONTRASTIVE):
+    def __init__(self, cfg: ModelConfig, vocab: Vocab, needs: frozenset[str] = CONTRASTIVE,
+                 text_view_dropout: float = 0.0):
+        """`text_view_dropout`: views.text_views.dropout, the text tower's dropout when it encodes text_views."""
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.text_view_dropout = cfg, text_view_dropout
         v, t, d, p = cfg.vision, cfg.text, cfg.decoder, cfg.poolers
         names = {split_need(n)[0] for n in needs}
         towers = towers_of(cfg, needs)
@@ -132,11 +134,11 @@ class ImageTextModel(nn.Module):
             out["memory"] = mem
         return out
 
-    def _text_outputs(self, text: torch.Tensor, names: set[str]) -> dict:
+    def _text_outputs(self, text: torch.Tensor, names: set[str], dropout: float = 0.0) -> dict:
         if self.text_from_decoder:
             out = {"text_features": self.decoder.text_features(text)}
         else:
-            out = dict(zip(("text_features", "text_tokens"), self.text(text)))
+            out = dict(zip(("text_features", "text_tokens"), self.text(text, dropout)))
         if "text_embed" in names:
             out["text_embed"] = F.normalize(self.text_proj(out["text_features"]), dim=-1)
         return out
@@ -176,5 +178,8 @@ class ImageTextModel(nn.Module):
             return self._image_outputs(batch["image"], names, keep=batch["image_keep"])
         x = batch[view]  # [V,B,...]: one pass over all V*B examples, outputs reshaped to [V,B,...]
         flat = x.flatten(0, 1)
-        got = self._image_outputs(flat, names) if view == "image_views" else self._text_outputs(flat, names)
+        if view == "image_views":
+            got = self._image_outputs(flat, names)
+        else:
+            got = self._text_outputs(flat, names, self.text_view_dropout)
         return {k: t.unflatten(0, x.shape[:2]) for k, t in got.items()}

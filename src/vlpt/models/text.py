@@ -18,12 +18,13 @@ class TextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embed.weight, std=0.02)
 
-    def forward(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """text [B,L] ids -> (features at <eot> [B,W], all tokens [B,L,W]).
+    def forward(self, text: torch.Tensor, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """text [B,L] ids -> (features at <eot> [B,W], all tokens [B,L,W]); `dropout` on the hidden states at
+        every block's input, in training.
 
         Padding follows <eot>, so with causal attention no position up to <eot> ever sees it.
         """
         x = self.token_embed(text) + self.pos_embed[:, : text.shape[1]]
-        x = self.ln_final(self.transformer(x, causal=True))
+        x = self.ln_final(self.transformer(x, causal=True, dropout=dropout))
         eot = (text == self.eot_id).int().argmax(dim=1)
         return x[torch.arange(x.shape[0], device=x.device), eot], x

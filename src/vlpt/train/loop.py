@@ -77,6 +77,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     device = distributed.setup()
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     check_batch_split(cfg, world)
+    text_views = TextViews(cfg.views, cfg.train.seed, rank)  # views that need WordNet where it is missing fail here
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
@@ -116,7 +117,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip)
     batches = StepBatches(data, tokens, cfg.train.batch_size, cfg.train.seed, cfg.model.vision.image_size,
                           images=images, weights=weights, rank=rank, world=world,
-                          text_views=TextViews(cfg.views, cfg.train.seed, rank), tokenizer=tokenizer)
+                          text_views=text_views, tokenizer=tokenizer)
     image_views = ImageViews(cfg.views, cfg.train.seed, rank)
     if main:
         trim_metrics(run_dir / "metrics.jsonl", start)

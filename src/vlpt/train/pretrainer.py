@@ -46,6 +46,6 @@ class Pretrainer(nn.Module):
 
 def build(cfg: Config, vocab: Vocab) -> Pretrainer:
     """The model the objectives need, then the objectives (which may build heads on its widths)."""
-    model = ImageTextModel(cfg.model, vocab, model_needs(cfg))
+    model = ImageTextModel(cfg.model, vocab, model_needs(cfg), cfg.views.text_views.dropout)
     objectives = {name: objective_class(name)(o.options, cfg.model, vocab) for name, o in cfg.objectives.items()}
     return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()})
