@@ -166,7 +166,8 @@ def test_swav_predicts_the_swapped_pairs_assignments():
             s, t = (img[i] @ txt[j].T).tolist(), (txt[j] @ img[i].T).tolist()
             q_s = _sinkhorn_by_hand((img[1 - i] @ txt[1 - j].T).tolist(), 0.05, 3)  # the other views' pair
             q_t = _sinkhorn_by_hand((txt[1 - j] @ img[1 - i].T).tolist(), 0.05, 3)
-            terms.append((soft_ce([[scale * x for x in r] for r in s], q_s) + soft_ce([[scale * x for x in r] for r in t], q_t)) / 2)
+            scaled_s, scaled_t = ([[scale * x for x in r] for r in m] for m in (s, t))
+            terms.append((soft_ce(scaled_s, q_s) + soft_ce(scaled_t, q_t)) / 2)
     assert loss.item() == pytest.approx(sum(terms) / 4, rel=1e-4)
     assert metrics["scale"].item() == pytest.approx(10.0)
 

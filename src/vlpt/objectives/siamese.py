@@ -29,8 +29,9 @@ class Siamese(Objective):
     def __init__(self, options: dict | None = None, model=None, vocab=None):
         super().__init__(options, model, vocab)
         h, d = self.opts.hidden, self.opts.dim
-        self.image_head = mlp([output_width(model, "image_pooled"), h, d], bias=False, last_bias=False, last_norm="bn-plain")
-        self.text_head = mlp([output_width(model, "text_features"), h, d], bias=False, last_bias=False, last_norm="bn-plain")
+        projector = dict(bias=False, last_bias=False, last_norm="bn-plain")
+        self.image_head = mlp([output_width(model, "image_pooled"), h, d], **projector)
+        self.text_head = mlp([output_width(model, "text_features"), h, d], **projector)
         self.image_to_text = mlp([d, h, d], bias=False)
         self.text_to_image = mlp([d, h, d], bias=False)
 

@@ -78,7 +78,8 @@ class SwAV(Objective):
         counts = (cfg.views.image_views.count, cfg.views.text_views.count)
         if min(counts) < 2:
             raise ConfigError(f"swapped prediction needs at least 2 image views and 2 text views, the recipe makes "
-                              f"{counts[0]} and {counts[1]}; set views.image_views.count=2 and views.text_views.count=2")
+                              f"{counts[0]} and {counts[1]}; set views.image_views.count=2 and "
+                              f"views.text_views.count=2")
 
     @torch.no_grad()
     def after_step(self, step: int, total: int) -> None:
@@ -96,8 +97,10 @@ class SwAV(Objective):
             q_s = [[sinkhorn(x.detach(), self.opts.epsilon, self.opts.iterations) for x in row] for row in s]
             q_t = [[sinkhorn(x.detach(), self.opts.epsilon, self.opts.iterations) for x in row] for row in t]
             scale = self.log_scale.exp()
-            terms = [(soft_cross_entropy(scale * s[i][j], q_s[i2][j2]) + soft_cross_entropy(scale * t[j][i], q_t[j2][i2])) / 2
-                     for i in range(vi) for j in range(vt) for i2 in range(vi) for j2 in range(vt) if i2 != i and j2 != j]
+            swaps = [(i, j, i2, j2) for i in range(vi) for j in range(vt) for i2 in range(vi) for j2 in range(vt)
+                     if i2 != i and j2 != j]
+            terms = [(soft_cross_entropy(scale * s[i][j], q_s[i2][j2])
+                      + soft_cross_entropy(scale * t[j][i], q_t[j2][i2])) / 2 for i, j, i2, j2 in swaps]
         return torch.stack(terms).mean(), {"scale": scale.detach()}
 
 

@@ -129,7 +129,8 @@ def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
     nn.SyncBatchNorm on accelerators, CPUSyncBatchNorm on CPU. The new layers share the old ones' parameters
     and buffers (an optimiser built before keeps working; checkpoint keys do not change). In place."""
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, (nn.SyncBatchNorm, CPUSyncBatchNorm)):
+        synced = isinstance(child, (nn.SyncBatchNorm, CPUSyncBatchNorm))
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not synced:
             cpu = (child.weight if child.affine else child.running_mean).device.type == "cpu"
             cls = CPUSyncBatchNorm if cpu else nn.SyncBatchNorm
             sync = cls(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
