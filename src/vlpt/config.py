@@ -469,6 +469,7 @@ def validate(cfg: Config) -> None:
     needs = objective_needs(cfg)
     _validate_towers(cfg, needs)
     _validate_views(cfg, needs)
+    _check_objectives(cfg)
     _validate_init_and_lock(cfg, needs)
     tr = cfg.train
     budgets = [k for k in ("steps", "epochs", "samples") if getattr(tr, k) is not None]
@@ -575,6 +576,18 @@ def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
             if view in ("image_views", "text_views") and getattr(views, view).count < 1:
                 raise ConfigError(f"objectives.{name} reads {n} but the recipe makes no {view}; "
                                   f"set e.g. views.{view}.count=2")
+
+
+def _check_objectives(cfg: Config) -> None:
+    """What an objective asks of the rest of the recipe (Objective.check), e.g. two image views."""
+    from vlpt.objectives import objective_class
+
+    for name, o in cfg.objectives.items():
+        cls = objective_class(name)
+        try:
+            cls.check(cls.parse_options(o.options, f"objectives.{name}"), cfg)
+        except ConfigError as err:
+            raise ConfigError(f"objectives.{name}: {err}") from None
 
 
 def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:

@@ -6,15 +6,25 @@ from __future__ import annotations
 
 import difflib
 
+from vlpt.objectives.barlow import Barlow
 from vlpt.objectives.base import Objective
 from vlpt.objectives.captioning import Captioning
+from vlpt.objectives.cl2l import CL2L
 from vlpt.objectives.contrastive import Contrastive
+from vlpt.objectives.siamese import Siamese
 from vlpt.objectives.sigmoid import Sigmoid
+from vlpt.objectives.simclr import SimCLR
+from vlpt.objectives.swav import SwAV
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "contrastive": Contrastive,
     "sigmoid": Sigmoid,
     "captioning": Captioning,
+    "simclr": SimCLR,  # SLIP
+    "barlow": Barlow,  # BarLIP
+    "siamese": Siamese,  # SiamLIP
+    "swav": SwAV,  # SwALIP
+    "cl2l": CL2L,  # clip-rocket
 }
 
 

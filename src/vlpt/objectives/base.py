@@ -1,7 +1,8 @@
 """The objective contract. An objective is an nn.Module that
 
 - declares the model outputs it reads (`needs`: names such as "image_embed" or "image_pooled@image_views",
-  see vlpt.models.outputs), and its typed `Options` (checked with the config: a wrong key or type names it);
+  see vlpt.models.outputs), and its typed `Options` (checked with the config: a wrong key or type names it;
+  `check` may ask more of the recipe, e.g. a number of views);
 - owns whatever parameters it needs (a temperature, projector MLPs, predictors, prototypes, a decoder),
   built in __init__ from the model config's widths (`output_width`) and the vocabulary;
 - may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs
@@ -51,6 +52,12 @@ class Objective(nn.Module):
     def needs_for(cls, options) -> frozenset[str]:
         """What the objective reads with these options (override when an option changes it)."""
         return frozenset(cls.needs)
+
+    @classmethod
+    def check(cls, options, cfg) -> None:
+        """Raise vlpt.typed.ConfigError (one line: the key and the fix) when the rest of the recipe `cfg` (a
+        vlpt.config.Config) cannot feed this objective, e.g. it needs exactly two image views. Runs with the
+        config's validation, before any work; the message is prefixed with the objective's key."""
 
     def prepare(self, batch: dict) -> None:
         """Add per-batch inputs the model must see (e.g. CapPa's parallel switch) before the forward pass."""

@@ -12,6 +12,17 @@ from vlpt.objectives.base import Objective, fp32
 from vlpt.train.distributed import all_gather_with_grad, rank
 
 
+def info_nce(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, label_smoothing: float = 0.0):
+    """Each local row of `a` scored against every rank's rows of `b` (its own example is the positive) and
+    the other way round -> (loss a->b, loss b->a, logits a->b, labels): cross-entropies averaged over the
+    local rows, whose mean over ranks is the global one."""
+    all_a, all_b = all_gather_with_grad(a), all_gather_with_grad(b)
+    labels = torch.arange(a.shape[0], device=a.device) + rank() * a.shape[0]
+    logits_ab, logits_ba = scale * a @ all_b.T, scale * b @ all_a.T
+    return (F.cross_entropy(logits_ab, labels, label_smoothing=label_smoothing),
+            F.cross_entropy(logits_ba, labels, label_smoothing=label_smoothing), logits_ab, labels)
+
+
 class Contrastive(Objective):
     """Mean of image->text and text->image cross-entropy on exp(t) * img @ txt^T, t learned, exp(t) <= max_scale.
 
@@ -48,17 +59,16 @@ class Contrastive(Objective):
             return self._loss(outputs["image_embed"].float(), outputs["text_embed"].float())
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
-        scale = self.scale()
+        scale, ls = self.scale(), self.opts.label_smoothing
         if self.opts.local_loss:
-            labels = torch.arange(img.shape[0], device=img.device) + rank() * img.shape[0]
-            logits_i2t, logits_t2i = scale * img @ all_txt.T, scale * txt @ all_img.T
+            i2t, t2i, logits_i2t, labels = info_nce(img, txt, scale, ls)
         else:
+            all_img, all_txt = all_gather_with_grad(img), all_gather_with_grad(txt)
             labels = torch.arange(all_img.shape[0], device=img.device)
             logits_i2t = scale * all_img @ all_txt.T
-            logits_t2i = logits_i2t.T
-        ls = self.opts.label_smoothing
-        loss = (F.cross_entropy(logits_i2t, labels, label_smoothing=ls) + F.cross_entropy(logits_t2i, labels, label_smoothing=ls)) / 2
+            i2t = F.cross_entropy(logits_i2t, labels, label_smoothing=ls)
+            t2i = F.cross_entropy(logits_i2t.T, labels, label_smoothing=ls)
+        loss = (i2t + t2i) / 2
         with torch.no_grad():
             acc = (logits_i2t.argmax(1) == labels).float().mean()
         return loss, {"scale": scale.detach(), "i2t_acc": acc}

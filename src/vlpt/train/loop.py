@@ -112,7 +112,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     state = RunState(cfg, run_dir / "checkpoints", tokenizer, module, optimizer, scheduler, scaler, counters, last)
     start = state.restore(last) if last is not None else 0
 
-    ddp = DistributedDataParallel(module) if distributed.is_distributed() else None
+    ddp = None
+    if distributed.is_distributed():
+        distributed.convert_sync_batchnorm(module)  # heads' batch statistics over the global batch
+        ddp = DistributedDataParallel(module)
     run = torch.compile(ddp or module) if cfg.train.compile else None
     parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip)
     batches = StepBatches(data, tokens, cfg.train.batch_size, cfg.train.seed, cfg.model.vision.image_size,
