@@ -32,9 +32,10 @@ EVAL_EXAMPLES = """examples:
   vlpt eval runs/f8k --task zeroshot:folder:../shared/data/cifar10/test
   vlpt eval runs/coca --task captioning:flickr8k:test --captions-out captions.json
 
-tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA, captioning:DATA,
-zeroshot_captioner:DATA, caption_loss:DATA (DATA as in `vlpt data --help`), or an evaluator of your own
-by import path: my_pkg.evals:MyEvaluator:DATA (see docs/guide.md, "Writing an evaluator")."""
+tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA,
+attentional_probe:TRAIN_DATA|TEST_DATA, captioning:DATA, zeroshot_captioner:DATA, caption_loss:DATA
+(DATA as in `vlpt data --help`), or an evaluator of your own by import path: my_pkg.evals:MyEvaluator:DATA
+(see docs/guide.md, "Writing an evaluator")."""
 
 CAPTION_EXAMPLES = """examples:
   vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, up to the model's context

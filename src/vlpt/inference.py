@@ -32,8 +32,8 @@ class Model:
     User API (images: PIL images, paths, or uint8 tensors [B,3,H,W]; texts: a string or a list):
       encode_image, encode_text -> unit-norm embeddings; score_captions -> [B,C] log-likelihoods;
       generate -> captions; preprocess -> uint8 [B,3,S,S] as the model saw in training.
-    Evaluation contract (uint8 batches): encode_images, encode_texts, image_features, caption, score_texts,
-    caption_loss.
+    Evaluation contract (uint8 batches): encode_images, encode_texts, image_features, image_tokens, caption,
+    score_texts, caption_loss.
     """
 
     def __init__(self, model: ImageTextModel, tokenizer: TextTokenizer, device: torch.device | str = "cpu"):
@@ -84,6 +84,11 @@ class Model:
     @torch.inference_mode()
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
         return self._eval(lambda: self.model.image_features(images.to(self.device)))
+
+    @torch.inference_mode()
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,N,W]: every token of the image encoder's last layer (what attentional probes read)."""
+        return self._eval(lambda: self.model.visual(images.to(self.device))[1])
 
     @property
     def abilities(self) -> frozenset[str]:

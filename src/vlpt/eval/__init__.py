@@ -7,6 +7,6 @@ batches; `templates` holds prompt sets. Evaluators never see a model class, only
 (`registry.EvalModel`).
 """
 from vlpt.eval.batching import encode_batched
-from vlpt.eval import zeroshot, retrieval, probes, captioner  # noqa: E402,F401  registers the built-ins, in this order
+from vlpt.eval import zeroshot, retrieval, probes, attentional, captioner  # noqa: E402,F401  registers the built-ins, in this order
 
 __all__ = ["encode_batched"]

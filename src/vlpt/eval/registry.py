@@ -24,13 +24,15 @@ class EvalModel(Protocol):
     """What evaluators may call (vlpt.inference.Model implements it); images are uint8 [B,3,H,W]."""
 
     image_size: int
-    abilities: frozenset[str]  # which of the groups below exist: image_embed/text_embed, image_features, caption
+    abilities: frozenset[str]  # which groups below exist: image_embed/text_embed, image_features, image_tokens, caption
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,D], unit norm
 
     def encode_texts(self, texts: list[str]) -> torch.Tensor: ...  # [N,D], unit norm
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,F] pooled, unprojected
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,N,W] the encoder's last-layer tokens
 
     def caption(self, images: torch.Tensor) -> list[str]: ...  # one caption each
 
