@@ -280,7 +280,8 @@ def test_vlpt_load_api_and_caption_command(tmp_path, capsys):
     capsys.readouterr()
     assert cli_main(["caption", str(tmp_path / "run"), str(tmp_path / "blue.png"), "--max-tokens", "4"]) == 0
     assert capsys.readouterr().out.startswith(str(tmp_path / "blue.png") + "\t")
-    assert cli_main(["caption", str(tmp_path / "run"), str(tmp_path / "missing.png")]) == 2
+    assert cli_main(["caption", str(tmp_path / "run"), str(tmp_path / "missing.png")]) == 1  # a data error
+    assert capsys.readouterr().err.startswith(f"error: cannot read image {tmp_path / 'missing.png'}")
 
 
 def test_zero_cross_starts_as_a_blind_decoder_and_still_learns_to_look():
