@@ -212,7 +212,8 @@ def test_contrastive_scores_by_cosine():
 
 def test_task_options():
     known = {"blind": "blind=RUN", "seed": "seed=N"}
-    assert task_options("t", "flickr8k:test:seed=1:blind=runs/b", known) == ("flickr8k:test", {"seed": "1", "blind": "runs/b"})
+    assert task_options("t", "flickr8k:test:seed=1:blind=runs/b", known) == (
+        "flickr8k:test", {"seed": "1", "blind": "runs/b"})
     assert task_options("t", "csv:/d/a=b.csv", known) == ("csv:/d/a=b.csv", {})  # '=' in a path is no option
     with pytest.raises(TaskError, match="unknown option 'sed'.*blind=RUN, seed=N"):
         task_options("t", "scenes:sed=1", known)
@@ -266,7 +267,8 @@ def test_sugarcrepe_mistakes_are_one_line_naming_the_file(tmp_path):
         read_pairs(tmp_path / "empty")
     root = sugarcrepe_folder(tmp_path / "sc")
     (root / "add_obj.json").write_text('{"1": {"filename": "green.jpg", "caption": "x"}}')
-    with pytest.raises(sources.BadDataError, match=r"add_obj.json: entry '1' has no usable 'negative_caption' \(found missing\)"):
+    missing = r"add_obj.json: entry '1' has no usable 'negative_caption' \(found missing\)"
+    with pytest.raises(sources.BadDataError, match=missing):
         read_pairs(root)
     (root / "add_obj.json").write_text('{\n"1": [1,\n}')
     with pytest.raises(sources.BadDataError, match=r"add_obj.json:3: not valid JSON"):

@@ -40,7 +40,8 @@ def _entries(path: Path) -> dict:
         raise BadDataError(f"{path}: {what}, not an object of pairs; {LAYOUT}")
     for key, entry in data.items():
         if not isinstance(entry, dict):
-            raise BadDataError(f"{path}: entry {key!r} is a {type(entry).__name__}, not an object with {', '.join(FIELDS)}")
+            raise BadDataError(f"{path}: entry {key!r} is a {type(entry).__name__}, not an object with "
+                               f"{', '.join(FIELDS)}")
         for field in FIELDS:
             value = entry.get(field)
             if not isinstance(value, str) or not value.strip():

@@ -68,7 +68,8 @@ def _trigrams(ws: list[str]) -> list[list[str]]:
 def _draw(ws: list[str], tags: list[str], kind: str, rng: np.random.Generator) -> list[str]:
     if kind == "nouns_adjectives":
         nouns = [i for i, t in enumerate(tags) if t in NOUNS]
-        return _shuffle_positions(_shuffle_positions(ws, nouns, rng), [i for i, t in enumerate(tags) if t in ADJECTIVES], rng)
+        adjectives = [i for i, t in enumerate(tags) if t in ADJECTIVES]
+        return _shuffle_positions(_shuffle_positions(ws, nouns, rng), adjectives, rng)
     if kind == "all_but_nouns_adjectives":
         return _shuffle_positions(ws, [i for i, t in enumerate(tags) if t not in NOUNS | ADJECTIVES], rng)
     if kind == "within_trigrams":

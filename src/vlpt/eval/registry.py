@@ -1,9 +1,10 @@
 """Evaluators as plug-ins: one class per protocol, registered by name, run as tasks "KIND:DATA".
 
 An evaluator declares what it requires of a model (`requires`, from the abilities image_embed,
-text_embed, image_features, image_tokens, caption; `requires_any`: one of several sets) and which data specs it reads (`data_specs`), and
-returns {metric: value} from `evaluator(model, data, options)`. A task names a registered kind
-("zeroshot:scenes:colour") or any Evaluator subclass by import path ("my_pkg.evals:Sharpness:scenes:test").
+text_embed, image_features, image_tokens, caption; `requires_any`: at least one of several sets) and which
+data specs it reads (`data_specs`), and returns {metric: value} from `evaluator(model, data, options)`. A
+task names a registered kind ("zeroshot:scenes:colour") or any Evaluator subclass by import path
+("my_pkg.evals:Sharpness:scenes:test").
 `vlpt eval --task`, `eval.tasks` during training and the final evaluation all come here; every task of a
 suite is checked (kind, data syntax, the model's abilities) before any of them runs.
 """
