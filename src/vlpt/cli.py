@@ -33,22 +33,25 @@ EVAL_EXAMPLES = """examples:
   vlpt eval runs/coca --task captioning:flickr8k:test --captions-out captions.json
 
 tasks: zeroshot:DATA, retrieval:DATA, linear_probe:TRAIN_DATA|TEST_DATA,
-attentional_probe:TRAIN_DATA|TEST_DATA, captioning:DATA, zeroshot_captioner:DATA, caption_loss:DATA
-(DATA as in `vlpt data --help`), or an evaluator of your own by import path: my_pkg.evals:MyEvaluator:DATA
-(see docs/guide.md, "Writing an evaluator")."""
+attentional_probe:TRAIN_DATA|TEST_DATA, captioning:DATA, zeroshot_captioner:DATA, caption_loss:DATA,
+order:DATA[:seed=N], swaps:scenes, sugarcrepe:DIR (the last three take :blind=RUN; DATA as in
+`vlpt data --help`), or an evaluator of your own by import path: my_pkg.evals:MyEvaluator:DATA (see
+docs/guide.md, "Writing an evaluator")."""
 
 CAPTION_EXAMPLES = """examples:
   vlpt caption runs/coca photo1.jpg photo2.jpg             # beam search, width 6, up to the model's context
   vlpt caption runs/cap photo.jpg --method nucleus --top-p 0.9 --seed 1"""
 
 DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
-  scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape
+  scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape,
+                            relation
   flickr8k[:PATH][:SPLIT]   Flickr8k layout (captions.txt + split files); SPLIT: train, dev, test, all
   csv:PATH | tsv:PATH       a captions table: a header line naming an image and a caption column
   coco:JSON[:IMAGE_ROOT]    COCO captions JSON
   folder:PATH[:SPLIT]       class-per-folder images; labels become text with prompt templates
   cifar10:SPLIT             the CIFAR-10 folder of ../shared/data
   wds:PATTERN               WebDataset shards, e.g. wds:'shards/{000000..000009}.tar'
+  sugarcrepe:DIR            a SugarCrepe folder: <category>.json files and images/
   A + B@0.3                 a weighted mixture of sources (weights default to 1)
   a bare path is recognised by its layout."""
 

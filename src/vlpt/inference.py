@@ -33,7 +33,7 @@ class Model:
       encode_image, encode_text -> unit-norm embeddings; score_captions -> [B,C] log-likelihoods;
       generate -> captions; preprocess -> uint8 [B,3,S,S] as the model saw in training.
     Evaluation contract (uint8 batches): encode_images, encode_texts, image_features, image_tokens, caption,
-    score_texts, caption_loss.
+    score_texts, caption_loss, count_tokens.
     """
 
     def __init__(self, model: ImageTextModel, tokenizer: TextTokenizer, device: torch.device | str = "cpu"):
@@ -117,6 +117,11 @@ class Model:
         return self._eval(lambda: captioner.score(self.model, self._images(images), ids.to(self.device),
                                                   normalize=normalize, prefix_len=prefix.to(self.device),
                                                   batch=len(images)))
+
+    def count_tokens(self, texts: list[str]) -> torch.Tensor:
+        """[N] the number of tokens of each text that score_texts sums over (<eot> included, cut to the context)."""
+        ids = self.tokenizer(texts)
+        return (ids[:, 1:] != self.tokenizer.pad_id).sum(1)
 
     @torch.inference_mode()
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]:

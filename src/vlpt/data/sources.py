@@ -35,7 +35,7 @@ FLICKR_LAYOUT = "the Flickr8k layout is Images/, captions.txt and Flickr_8k.{tra
 SPLIT_DIRS = ("train", "test", "val", "valid", "validation", "dev")
 DEFAULT_TEMPLATES = ("a photo of a {}.", "a blurry photo of a {}.", "a photo of the {}.",
                      "a close-up photo of a {}.", "{}")
-KINDS = ("scenes", "flickr8k", "csv", "tsv", "coco", "folder", "cifar10", "wds")
+KINDS = ("scenes", "flickr8k", "csv", "tsv", "coco", "folder", "cifar10", "wds", "sugarcrepe")
 SPECS = ("a data spec is a path (a .csv/.tsv captions table, a COCO .json, an image folder, .tar shards) or KIND:ARG "
          f"with KIND one of {', '.join(KINDS)} (see `vlpt data --help`)")
 SEPARATORS = ",;\t|"
@@ -398,6 +398,9 @@ def _open_kind(kind: str, rest: str | None) -> ImageTextSet:
     if kind == "wds":
         from .webdataset_io import read_shards
         return read_shards(rest)[0]
+    if kind == "sugarcrepe":
+        from .sugarcrepe import load_sugarcrepe
+        return load_sugarcrepe(rest)
     raise AssertionError(kind)
 
 

@@ -1,9 +1,10 @@
 """Evaluators as plug-ins: one class per protocol, registered by name, run as tasks "KIND:DATA".
 
 An evaluator declares what it requires of a model (`requires`, from the abilities image_embed,
-text_embed, image_features, image_tokens, caption) and which data specs it reads (`data_specs`), and
-returns {metric: value} from `evaluator(model, data, options)`. A task names a registered kind
-("zeroshot:scenes:colour") or any Evaluator subclass by import path ("my_pkg.evals:Sharpness:scenes:test").
+text_embed, image_features, image_tokens, caption; `requires_any`: at least one of several sets) and which
+data specs it reads (`data_specs`), and returns {metric: value} from `evaluator(model, data, options)`. A
+task names a registered kind ("zeroshot:scenes:colour") or any Evaluator subclass by import path
+("my_pkg.evals:Sharpness:scenes:test").
 `vlpt eval --task`, `eval.tasks` during training and the final evaluation all come here; every task of a
 suite is checked (kind, data syntax, the model's abilities) before any of them runs.
 """
@@ -41,6 +42,8 @@ class EvalModel(Protocol):
 
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
 
+    def count_tokens(self, texts: list[str]) -> torch.Tensor: ...  # [N] tokens score_texts sums over
+
 
 class TaskError(UsageError):
     """A task that cannot run: an unknown kind, a malformed data part, a model without what it needs."""
@@ -59,6 +62,7 @@ class Evaluator:
     """Subclass, set `requires`, implement __call__; register with @register("name") or name it by path."""
 
     requires: ClassVar[frozenset[str]] = frozenset()
+    requires_any: ClassVar[tuple[frozenset[str], ...]] = ()  # when given, the model must also have one of these
     name: ClassVar[str] = ""
 
     def data_specs(self, data: str) -> list[str]:
@@ -124,16 +128,24 @@ def parse_task(task: str) -> tuple[type[Evaluator], str]:
     return cls, data
 
 
+_WHAT = {"text_embed": "a text embedding (a contrastive model such as clip, siglip or coca)",
+         "image_embed": "an image embedding (a contrastive model such as clip, siglip or coca)",
+         "caption": "a caption decoder (a captioning model such as cap, cappa or coca)",
+         "image_features": "an image encoder", "image_tokens": "an image encoder"}
+
+
+def _needs(missing: frozenset[str]) -> str:
+    return _WHAT[sorted(missing, key=list(_WHAT).index)[0]] if missing <= set(_WHAT) else ", ".join(sorted(missing))
+
+
 def check_task(task: str, abilities: frozenset[str]) -> tuple[Evaluator, str]:
     """(the evaluator, its data) of a task this model can run; TaskError names what is missing."""
     cls, data = parse_task(task)
     missing = cls.requires - abilities
     if missing:
-        what = {"text_embed": "a text embedding (a contrastive model such as clip, siglip or coca)",
-                "image_embed": "an image embedding (a contrastive model such as clip, siglip or coca)",
-                "caption": "a caption decoder (a captioning model such as cap, cappa or coca)",
-                "image_features": "an image encoder", "image_tokens": "an image encoder"}
-        needs = what.get(sorted(missing, key=list(what).index)[0]) if missing <= set(what) else ", ".join(sorted(missing))
+        raise TaskError(f"task {task!r} needs {_needs(missing)}, which this model does not have")
+    if cls.requires_any and not any(need <= abilities for need in cls.requires_any):
+        needs = " or ".join(dict.fromkeys(_needs(need - abilities) for need in cls.requires_any))
         raise TaskError(f"task {task!r} needs {needs}, which this model does not have")
     evaluator = cls()
     evaluator.data_specs(data)  # a malformed data part fails here
