@@ -1,9 +1,10 @@
 """Evaluators as plug-ins: one class per protocol, registered by name, run as tasks "KIND:DATA".
 
 An evaluator declares what it requires of a model (`requires`, from the abilities image_embed,
-text_embed, image_features, image_tokens, caption) and which data specs it reads (`data_specs`), and
-returns {metric: value} from `evaluator(model, data, options)`. A task names a registered kind
-("zeroshot:scenes:colour") or any Evaluator subclass by import path ("my_pkg.evals:Sharpness:scenes:test").
+text_embed, image_features, image_tokens, caption, and those of objectives' heads such as bow_logits) and
+which data specs it reads (`data_specs`), and returns {metric: value} from `evaluator(model, data, options)`.
+A task names a registered kind ("zeroshot:scenes:colour") or any Evaluator subclass by import path
+("my_pkg.evals:Sharpness:scenes:test").
 `vlpt eval --task`, `eval.tasks` during training and the final evaluation all come here; every task of a
 suite is checked (kind, data syntax, the model's abilities) before any of them runs.
 """
@@ -24,7 +25,8 @@ class EvalModel(Protocol):
     """What evaluators may call (vlpt.inference.Model implements it); images are uint8 [B,3,H,W]."""
 
     image_size: int
-    abilities: frozenset[str]  # which of the groups below exist: image_embed/text_embed, image_features, caption
+    abilities: frozenset[str]  # which of the groups below exist: image_embed/text_embed, image_features, caption,
+    #                            and what objectives' heads offer through `ability` (bow_logits)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,D], unit norm
 
@@ -38,6 +40,10 @@ class EvalModel(Protocol):
                     normalize: bool = False) -> torch.Tensor: ...  # [B,C] log-likelihoods
 
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
+
+    def ability(self, name: str, images: torch.Tensor) -> torch.Tensor: ...  # an objective's head, e.g. bow_logits [B,V]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]: ...  # without <sot>, <eot>, padding
 
 
 class TaskError(UsageError):
@@ -130,6 +136,7 @@ def check_task(task: str, abilities: frozenset[str]) -> tuple[Evaluator, str]:
         what = {"text_embed": "a text embedding (a contrastive model such as clip, siglip or coca)",
                 "image_embed": "an image embedding (a contrastive model such as clip, siglip or coca)",
                 "caption": "a caption decoder (a captioning model such as cap, cappa or coca)",
+                "bow_logits": "a bag-of-words head (objectives.bow_prediction, recipe bow-prediction)",
                 "image_features": "an image encoder", "image_tokens": "an image encoder"}
         needs = what.get(sorted(missing, key=list(what).index)[0]) if missing <= set(what) else ", ".join(sorted(missing))
         raise TaskError(f"task {task!r} needs {needs}, which this model does not have")
