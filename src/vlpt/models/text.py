@@ -34,8 +34,8 @@ class TextTransformer(nn.Module):
 
 class TextBag(nn.Module):
     """Order-free text tower (CLIP's bag-of-words contrastive baseline, Radford et al. 2021 section 2.3):
-    the mean of the caption's token embeddings, padding excluded (<sot> and <eot> are tokens of every
-    caption, so they shift every mean alike), then a LayerNorm. No positions, no attention."""
+    the mean of the caption's token embeddings (<sot> and <eot> included, padding excluded), then a
+    LayerNorm. No positions, no attention."""
 
     def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int):
         super().__init__()
@@ -47,7 +47,9 @@ class TextBag(nn.Module):
     def forward(self, text: torch.Tensor, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """text [B,L] ids -> (LN of the mean embedding [B,W], each token's embedding after the LN [B,L,W]);
         `dropout` on the token embeddings, in training (the only hidden state this tower has)."""
-        x = F.dropout(self.token_embed(text), dropout, self.training) if dropout else self.token_embed(text)
+        x = self.token_embed(text)
+        if dropout:
+            x = F.dropout(x, dropout, self.training)
         real = (text != self.pad_id).unsqueeze(-1).to(x.dtype)
         mean = (x * real).sum(1) / real.sum(1).clamp(min=1)
         return self.ln_final(mean), self.ln_final(x)
