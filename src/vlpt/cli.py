@@ -131,7 +131,7 @@ def _eval(args) -> int:
     data = build(type(cfg.data), {**vars(cfg.data), **top.get("data", {})}, "data.")
     if not 0 <= data.max_bad_fraction <= 1:
         raise UsageError(f"data.max_bad_fraction={data.max_bad_fraction} must be between 0 and 1")
-    model = Model(module.model, tokenizer)
+    model = Model(module.model, tokenizer, objectives=module.objectives)
     tasks = args.task or resolve_tasks([t.task for t in cfg.eval.tasks], cfg.data.source, model.abilities)
     if not tasks:
         raise UsageError(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; "

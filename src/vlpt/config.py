@@ -29,6 +29,10 @@ class VisionConfig:
 
 @dataclass
 class TextConfig:
+    # transformer: CLIP's causal transformer, features at <eot>; bag: order-free, the mean of the caption's
+    # token embeddings (padding excluded) and a LayerNorm (CLIP's bag-of-words contrastive baseline); it
+    # ignores depth, heads and mlp_ratio
+    kind: str = "transformer"
     context_length: int = 32
     width: int = 256
     depth: int = 4
@@ -466,6 +470,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size, got {v.patch_size}")
     if v.pool not in ("cls", "gap", "max", "map"):
         raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
+    if t.kind not in ("transformer", "bag"):
+        raise ConfigError(f"model.text.kind={t.kind!r}: choose transformer or bag")
     needs = objective_needs(cfg)
     _validate_towers(cfg, needs)
     _validate_views(cfg, needs)
@@ -618,7 +624,7 @@ def _validate_eval(cfg: Config) -> None:
 
 def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     """Every objective must read outputs the model has, from towers it has."""
-    from vlpt.models.outputs import NeedError, split_need
+    from vlpt.models.outputs import NeedError, split_need, towers_of
 
     base = {}
     for name, need in needs.items():
@@ -652,6 +658,9 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     if d.style == "open_clip" and d.unimodal_depth < 1:
         raise ConfigError("model.decoder.style=open_clip needs model.decoder.unimodal_depth >= 1 "
                           "(open_clip's CoCa text tower)")
+    if cfg.model.text.kind != "transformer" and "text" not in towers_of(cfg.model, frozenset().union(*needs.values())):
+        raise ConfigError(f"model.text.kind={cfg.model.text.kind} shapes the text tower, which this recipe does not "
+                          f"have (a captioner's decoder reads text itself); drop model.text.kind")
     captioners = [n for n, need in needs.items() if "caption_logits" in need]
     if captioners and d.depth + d.unimodal_depth == 0:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "

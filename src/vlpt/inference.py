@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Mapping, Sequence, Union
 
 import torch
 from PIL import Image
@@ -19,6 +19,7 @@ from vlpt.data.tokenizer import TextTokenizer
 from vlpt.errors import UsageError
 from vlpt.models import captioner
 from vlpt.models.model import ImageTextModel
+from vlpt.objectives import Objective
 from vlpt.train import checkpoint
 from vlpt.train.pretrainer import Pretrainer, build
 
@@ -33,11 +34,15 @@ class Model:
       encode_image, encode_text -> unit-norm embeddings; score_captions -> [B,C] log-likelihoods;
       generate -> captions; preprocess -> uint8 [B,3,S,S] as the model saw in training.
     Evaluation contract (uint8 batches): encode_images, encode_texts, image_features, image_tokens, caption,
-    score_texts, caption_loss, count_tokens.
+    score_texts, caption_loss, count_tokens, token_ids, and `ability(name, images)` for what an objective's
+    head offers (its `abilities`).
     """
 
-    def __init__(self, model: ImageTextModel, tokenizer: TextTokenizer, device: torch.device | str = "cpu"):
+    def __init__(self, model: ImageTextModel, tokenizer: TextTokenizer, device: torch.device | str = "cpu",
+                 objectives: Mapping[str, Objective] | None = None):
+        """`objectives`: the run's trained objectives, whose heads give abilities of their own (BoW prediction)."""
         self.model, self.tokenizer, self.device = model, tokenizer, torch.device(device)
+        self.objectives = dict(objectives or {})
         self.image_size = model.cfg.vision.image_size
 
     # ------------------------------------------------------------------------------------ user API
@@ -90,10 +95,23 @@ class Model:
         """[B,N,W]: every token of the image encoder's last layer (what attentional probes read)."""
         return self._eval(lambda: self.model.visual(images.to(self.device))[1])
 
+    @torch.inference_mode()
+    def ability(self, name: str, images: torch.Tensor) -> torch.Tensor:
+        """What the objective that declares ability `name` computes on uint8 images (e.g. "bow_logits")."""
+        owner = next((o for o in self.objectives.values() if name in o.abilities), None)
+        if owner is None:
+            raise UsageError(f"this model has no ability {name!r}; it has {', '.join(sorted(self.abilities))}")
+        return self._eval(lambda: owner.ability(name, self.model, images.to(self.device)))
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Each text's token ids as the model reads them, without <sot>, <eot> and padding."""
+        specials = (self.tokenizer.pad_id, self.tokenizer.sot_id, self.tokenizer.eot_id)
+        return [[i for i in row if i not in specials] for row in self.tokenizer(texts).tolist()]
+
     @property
     def abilities(self) -> frozenset[str]:
-        """What evaluators may ask of this model (see vlpt.eval.registry)."""
-        return self.model.abilities
+        """What evaluators may ask of this model (see vlpt.eval.registry): its towers' and its objectives'."""
+        return self.model.abilities.union(*(o.abilities for o in self.objectives.values()))
 
     @property
     def has_decoder(self) -> bool:
@@ -140,13 +158,16 @@ class Model:
         return total, int(count)
 
     def _eval(self, fn):
-        was_training = self.model.training
-        self.model.eval()
+        modules = [self.model, *self.objectives.values()]
+        was_training = [m.training for m in modules]
+        for m in modules:
+            m.eval()
         try:
             out = fn()
             return out.float().cpu() if isinstance(out, torch.Tensor) else out
         finally:
-            self.model.train(was_training)
+            for m, mode in zip(modules, was_training):
+                m.train(mode)
 
 
 def load_pretrainer(path: str | Path, device: str = "cpu") -> tuple[config_lib.Config, TextTokenizer, Pretrainer, Path]:
@@ -163,5 +184,5 @@ def load_pretrainer(path: str | Path, device: str = "cpu") -> tuple[config_lib.C
 def load(path: str | Path, device: str = "cpu") -> Model:
     """A run folder, checkpoint folder or model.safetensors -> Model (see the module docstring)."""
     cfg, tokenizer, module, _ = load_pretrainer(path, device)
-    return Model(module.model, tokenizer, device)
+    return Model(module.model, tokenizer, device, module.objectives)
 

@@ -1,7 +1,8 @@
 """`eval.tasks: [auto]` -> the evaluation suite that fits the training data and what the model can do.
 
 A model with a text embedding (CLIP-like, CoCa) gets the contrastive tasks; a model with a text decoder
-(Cap, CapPa, CoCa) gets the captioner tasks: likelihood zero-shot, captioning and caption loss.
+(Cap, CapPa, CoCa) gets the captioner tasks: likelihood zero-shot, captioning and caption loss; a model with
+a bag-of-words head (BoW prediction) gets zero-shot on the same labelled sets through that head.
 """
 from __future__ import annotations
 
@@ -42,7 +43,9 @@ def auto_tasks(source: str, abilities: frozenset[str] = CONTRASTIVE) -> list[str
         test = f"folder:{rest.rsplit(':', 1)[0]}:test" if ":" in rest else source
         contrastive, captioner = [f"zeroshot:{test}"], [f"zeroshot_captioner:{test}"]
     # captions tables and shards: no held-out split is implied; name tasks explicitly
-    return (list(contrastive) if CONTRASTIVE <= abilities else []) + (list(captioner) if "caption" in abilities else [])
+    bow = [t.replace("zeroshot:", "zeroshot_bow:", 1) for t in contrastive if t.startswith("zeroshot:")]
+    return (list(contrastive) if CONTRASTIVE <= abilities else []) + (list(captioner) if "caption" in abilities else []) \
+        + (bow if "bow_logits" in abilities else [])
 
 
 def resolve_tasks(tasks: list[str], source: str, abilities: frozenset[str] = CONTRASTIVE) -> list[str]:

@@ -1,9 +1,10 @@
 """Evaluators as plug-ins: one class per protocol, registered by name, run as tasks "KIND:DATA".
 
 An evaluator declares what it requires of a model (`requires`, from the abilities image_embed,
-text_embed, image_features, image_tokens, caption; `requires_any`: at least one of several sets) and which
-data specs it reads (`data_specs`), and returns {metric: value} from `evaluator(model, data, options)`. A
-task names a registered kind ("zeroshot:scenes:colour") or any Evaluator subclass by import path
+text_embed, image_features, image_tokens, caption, and those of objectives' heads such as bow_logits;
+`requires_any`: at least one of several sets) and which data specs it reads (`data_specs`), and returns
+{metric: value} from `evaluator(model, data, options)`. A task names a registered kind
+("zeroshot:scenes:colour") or any Evaluator subclass by import path
 ("my_pkg.evals:Sharpness:scenes:test").
 `vlpt eval --task`, `eval.tasks` during training and the final evaluation all come here; every task of a
 suite is checked (kind, data syntax, the model's abilities) before any of them runs.
@@ -25,7 +26,8 @@ class EvalModel(Protocol):
     """What evaluators may call (vlpt.inference.Model implements it); images are uint8 [B,3,H,W]."""
 
     image_size: int
-    abilities: frozenset[str]  # which groups below exist: image_embed/text_embed, image_features, image_tokens, caption
+    abilities: frozenset[str]  # which groups below exist: image_embed/text_embed, image_features, image_tokens,
+    #                            caption, and what objectives' heads offer through `ability` (bow_logits)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor: ...  # [B,D], unit norm
 
@@ -43,6 +45,10 @@ class EvalModel(Protocol):
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
 
     def count_tokens(self, texts: list[str]) -> torch.Tensor: ...  # [N] tokens score_texts sums over
+
+    def ability(self, name: str, images: torch.Tensor) -> torch.Tensor: ...  # an objective's head, e.g. bow_logits [B,V]
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]: ...  # without <sot>, <eot>, padding
 
 
 class TaskError(UsageError):
@@ -131,6 +137,7 @@ def parse_task(task: str) -> tuple[type[Evaluator], str]:
 _WHAT = {"text_embed": "a text embedding (a contrastive model such as clip, siglip or coca)",
          "image_embed": "an image embedding (a contrastive model such as clip, siglip or coca)",
          "caption": "a caption decoder (a captioning model such as cap, cappa or coca)",
+         "bow_logits": "a bag-of-words head (objectives.bow_prediction, recipe bow-prediction)",
          "image_features": "an image encoder", "image_tokens": "an image encoder"}
 
 

@@ -66,6 +66,8 @@ def check_exportable(cfg, model) -> None:
                            "single linear patch convolution (stem=patch)")
     if v.pool != "cls":
         raise MappingError(f"model.vision.pool={v.pool} does not map: HF CLIPVisionModel pools the class token (pool=cls)")
+    if cfg.model.text.kind != "transformer":
+        raise MappingError(f"model.text.kind={cfg.model.text.kind} does not map: HF CLIPTextModel is a causal transformer")
     for part, what in (("decoder", "a caption decoder"), ("con_pool", "a contrastive attention pooler"),
                        ("gen_pool", "a generative attention pooler")):
         if getattr(model, part, None) is not None:

@@ -15,7 +15,7 @@ from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.layers import AttentionPool
 from vlpt.models.outputs import (CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES, text_from_decoder,
                                  abilities_of, by_view, split_need, towers_of)
-from vlpt.models.text import TextTransformer
+from vlpt.models.text import text_tower
 from vlpt.models.vision import VisionTransformer
 
 class ImageTextModel(nn.Module):
@@ -42,7 +42,7 @@ class ImageTextModel(nn.Module):
             if open_clip:  # the ViT's final LayerNorm, moved after the pooler (open_clip's ln_post)
                 self.ln_pool = nn.LayerNorm(pool_width)
         if "text" in towers:
-            self.text = TextTransformer(t, vocab.size, vocab.eot)
+            self.text = text_tower(t, vocab)
         if "image_embed" in names and p.contrastive in ("cascade", "parallel"):
             self.con_pool = AttentionPool(v.width, p.heads or v.heads, 1)
         self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in names else None
@@ -81,7 +81,7 @@ class ImageTextModel(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
-        for tower in (self.visual and self.visual.transformer, self.text and self.text.transformer, self.decoder):
+        for tower in (self.visual and self.visual.transformer, getattr(self.text, "transformer", None), self.decoder):
             if tower is not None:
                 tower.grad_checkpointing = enabled
 

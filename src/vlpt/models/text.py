@@ -1,10 +1,12 @@
-"""CLIP-style text tower: causal transformer, final LN, features at the <eot> token."""
+"""Text towers: CLIP's causal transformer (features at the <eot> token), or an order-free bag of words."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlpt.config import TextConfig
+from vlpt.data.tokenizer import Vocab
 from vlpt.models.layers import Transformer
 
 
@@ -28,3 +30,31 @@ class TextTransformer(nn.Module):
         x = self.ln_final(self.transformer(x, causal=True, dropout=dropout))
         eot = (text == self.eot_id).int().argmax(dim=1)
         return x[torch.arange(x.shape[0], device=x.device), eot], x
+
+
+class TextBag(nn.Module):
+    """Order-free text tower (CLIP's bag-of-words contrastive baseline, Radford et al. 2021 section 2.3):
+    the mean of the caption's token embeddings (<sot> and <eot> included, padding excluded), then a
+    LayerNorm. No positions, no attention."""
+
+    def __init__(self, cfg: TextConfig, vocab_size: int, pad_id: int):
+        super().__init__()
+        self.pad_id = pad_id
+        self.token_embed = nn.Embedding(vocab_size, cfg.width)
+        self.ln_final = nn.LayerNorm(cfg.width)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+
+    def forward(self, text: torch.Tensor, dropout: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """text [B,L] ids -> (LN of the mean embedding [B,W], each token's embedding after the LN [B,L,W]);
+        `dropout` on the token embeddings, in training (the only hidden state this tower has)."""
+        x = self.token_embed(text)
+        if dropout:
+            x = F.dropout(x, dropout, self.training)
+        real = (text != self.pad_id).unsqueeze(-1).to(x.dtype)
+        mean = (x * real).sum(1) / real.sum(1).clamp(min=1)
+        return self.ln_final(mean), self.ln_final(x)
+
+
+def text_tower(cfg: TextConfig, vocab: Vocab) -> nn.Module:
+    """The text tower `model.text.kind` names."""
+    return TextBag(cfg, vocab.size, vocab.pad) if cfg.kind == "bag" else TextTransformer(cfg, vocab.size, vocab.eot)

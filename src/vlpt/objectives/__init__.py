@@ -8,6 +8,7 @@ import difflib
 
 from vlpt.objectives.barlow import Barlow
 from vlpt.objectives.base import Objective
+from vlpt.objectives.bow import BowPrediction
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.cl2l import CL2L
 from vlpt.objectives.contrastive import Contrastive
@@ -25,6 +26,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "siamese": Siamese,  # SiamLIP
     "swav": SwAV,  # SwALIP
     "cl2l": CL2L,  # clip-rocket
+    "bow_prediction": BowPrediction,
 }
 
 

@@ -7,6 +7,8 @@
   built in __init__ from the model config's widths (`output_width`) and the vocabulary;
 - may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs
   (`forward`), and acts after each optimiser step (`after_step`: EMA targets, clamps, normalisation).
+- may offer evaluators what only its heads compute (`abilities`, e.g. "bow_logits", and `ability`); the
+  inference model (vlpt.inference.Model) adds them to the model's own abilities.
 
 Its parameters train with the model (no weight decay on 1-D tensors and on names ending in `_token` or
 `query`) and live in checkpoints. Gathers across processes live in the objective.
@@ -29,6 +31,7 @@ def fp32(like: torch.Tensor):
 
 class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
+    abilities: frozenset[str] = frozenset()  # what its heads give evaluators at inference (see `ability`)
 
     @dataclasses.dataclass
     class Options:
@@ -67,3 +70,8 @@ class Objective(nn.Module):
 
     def after_step(self, step: int, total: int) -> None:
         """After optimiser step `step` (1-based) of `total`: EMA targets, parameter clamps, normalisation."""
+
+    def ability(self, name: str, model, images: torch.Tensor) -> torch.Tensor:
+        """Ability `name` (one of `abilities`) of the trained `model` (an ImageTextModel in eval mode) on uint8
+        images [B,3,H,W], e.g. BoW prediction's vocabulary logits; called under inference mode."""
+        raise NotImplementedError(f"{type(self).__name__} declares no ability {name!r}")

@@ -22,14 +22,13 @@ from vlpt.config import Config, ConfigError
 from vlpt.data.loader import StepBatches, batch_iterator
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
-from vlpt.models.outputs import abilities_of
 from vlpt.train import checkpoint, distributed
 from vlpt.train.data import decode_training_data, make_tokenizer, open_training_data, tokenize
 from vlpt.train.evaluation import EvalPlan
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
 from vlpt.train.logging import MetricsLog, StepLog
 from vlpt.train.optim import build_optimizer, warmup_cosine
-from vlpt.train.pretrainer import build
+from vlpt.train.pretrainer import abilities, build
 from vlpt.train.resume import RunState, resume_checkpoint, seed_everything, trim_metrics
 from vlpt.train.signals import Interrupted, StopSignals
 from vlpt.train.step import StepParts, autocast_dtype, to_device, train_step
@@ -81,7 +80,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
-    evaluation = EvalPlan(cfg, abilities_of(cfg.model, config_lib.model_needs(cfg)))  # a typo or a missing file fails in seconds
+    evaluation = EvalPlan(cfg, abilities(cfg))  # a typo or a missing file fails in seconds
     if last is None:
         check_sources(cfg.model.init)
     if cfg.train.threads:
@@ -132,7 +131,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfg.recipe}", unit="step",
                dynamic_ncols=True)
     step_log = StepLog(log, bar, cfg.train.log_every, steps, len(data), cfg.train.batch_size)
-    eval_model = Model(module.model, tokenizer, device)
+    eval_model = Model(module.model, tokenizer, device, module.objectives)
     module.train()
     try:
         with StopSignals() as signals:

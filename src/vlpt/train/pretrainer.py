@@ -7,6 +7,7 @@ from torch import nn
 from vlpt.config import Config, model_needs
 from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
+from vlpt.models.outputs import abilities_of
 from vlpt.objectives import Objective, objective_class
 
 
@@ -42,6 +43,13 @@ class Pretrainer(nn.Module):
         """The objectives' hooks after optimiser step `step` (EMA targets, clamps)."""
         for objective in self.objectives.values():
             objective.after_step(step, total)
+
+
+def abilities(cfg: Config) -> frozenset[str]:
+    """What evaluators may ask of a model trained with this recipe (vlpt.inference.Model.abilities), known
+    before it is built: its towers' abilities and its objectives' heads'."""
+    own = [objective_class(name).abilities for name in cfg.objectives]
+    return abilities_of(cfg.model, model_needs(cfg)).union(*own)
 
 
 def build(cfg: Config, vocab: Vocab) -> Pretrainer:
