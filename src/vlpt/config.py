@@ -555,6 +555,7 @@ def _validate_text_view(key: str, view: TextViewConfig) -> None:
 
 def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
     from vlpt.models.outputs import split_need, towers_of
+    from vlpt.objectives import objective_class
 
     views = cfg.views
     for key in ("image", "image_views"):
@@ -575,6 +576,9 @@ def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
             if view in ("image_views", "text_views") and getattr(views, view).count < 1:
                 raise ConfigError(f"objectives.{name} reads {n} but the recipe makes no {view}; "
                                   f"set e.g. views.{view}.count=2")
+            if view == "masked" and not any("image_keep" in objective_class(o).sets for o in needs):
+                raise ConfigError(f"objectives.{name} reads {n}, but no objective of the recipe chooses the kept "
+                                  f"patches; add one that does (e.g. objectives.mae.weight=0.05)")
 
 
 def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:

@@ -9,12 +9,16 @@ import difflib
 from vlpt.objectives.base import Objective
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.contrastive import Contrastive
+from vlpt.objectives.m3ae import M3AE
+from vlpt.objectives.mae import MAE
 from vlpt.objectives.sigmoid import Sigmoid
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "contrastive": Contrastive,
     "sigmoid": Sigmoid,
     "captioning": Captioning,
+    "mae": MAE,
+    "m3ae": M3AE,
 }
 
 

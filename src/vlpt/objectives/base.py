@@ -28,6 +28,7 @@ def fp32(like: torch.Tensor):
 
 class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
+    sets: frozenset[str] = frozenset()  # batch keys its prepare() adds that a view reads (e.g. "image_keep")
 
     @dataclasses.dataclass
     class Options:
