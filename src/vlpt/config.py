@@ -643,6 +643,11 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     if d.style == "open_clip" and d.unimodal_depth < 1:
         raise ConfigError("model.decoder.style=open_clip needs model.decoder.unimodal_depth >= 1 "
                           "(open_clip's CoCa text tower)")
+    read = frozenset().union(*needs.values())
+    if cfg.model.vision.pool == "map" and not (p.contrastive == "none" and read & {"image_pooled", "image_embed"}):
+        raise ConfigError("model.vision.pool=map adds an attention pooler that no objective of this recipe trains "
+                          "(none reads the ViT's pooled feature): probes would read it untrained and several "
+                          "processes fail on its unused parameters; choose cls, gap or max")
     captioners = [n for n, need in needs.items() if "caption_logits" in need]
     if captioners and d.depth + d.unimodal_depth == 0:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "
