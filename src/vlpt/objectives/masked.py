@@ -31,14 +31,14 @@ def dropped(keep: torch.Tensor, length: int) -> torch.Tensor:
 def patch_pixels(images: torch.Tensor, patch: int, norm_pix: bool) -> torch.Tensor:
     """images [B,3,H,W] (0-255) -> [B,N,p*p*3] targets, patches in the ViT's token order (row-major), pixels
     normalised as the ViT sees them; `norm_pix`: also each patch to zero mean and unit variance (MAE's
-    norm_pix_loss, variance + 1e-6)."""
+    norm_pix_loss: unbiased variance, + 1e-6)."""
     mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1) * 255
     x = (images.float() - mean) / std
     b, c, h, w = x.shape
     x = x.view(b, c, h // patch, patch, w // patch, patch).permute(0, 2, 4, 3, 5, 1).reshape(b, -1, patch * patch * c)
     if norm_pix:
-        x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        x = (x - x.mean(-1, keepdim=True)) / (x.var(-1, keepdim=True) + 1e-6).sqrt()
     return x
 
 
