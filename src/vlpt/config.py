@@ -562,6 +562,7 @@ def _validate_text_view(key: str, view: TextViewConfig) -> None:
 
 def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
     from vlpt.models.outputs import split_need, towers_of
+    from vlpt.objectives import objective_class
 
     views = cfg.views
     for key in ("image", "image_views"):
@@ -582,6 +583,9 @@ def _validate_views(cfg: Config, needs: dict[str, frozenset]) -> None:
             if view in ("image_views", "text_views") and getattr(views, view).count < 1:
                 raise ConfigError(f"objectives.{name} reads {n} but the recipe makes no {view}; "
                                   f"set e.g. views.{view}.count=2")
+            if view == "masked" and not any("image_keep" in objective_class(o).sets for o in needs):
+                raise ConfigError(f"objectives.{name} reads {n}, but no objective of the recipe chooses the kept "
+                                  f"patches; add one that does (e.g. objectives.mae.weight=0.05)")
 
 
 def _check_objectives(cfg: Config) -> None:
@@ -658,9 +662,14 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     if d.style == "open_clip" and d.unimodal_depth < 1:
         raise ConfigError("model.decoder.style=open_clip needs model.decoder.unimodal_depth >= 1 "
                           "(open_clip's CoCa text tower)")
-    if cfg.model.text.kind != "transformer" and "text" not in towers_of(cfg.model, frozenset().union(*needs.values())):
+    read = frozenset().union(*needs.values())
+    if cfg.model.text.kind != "transformer" and "text" not in towers_of(cfg.model, read):
         raise ConfigError(f"model.text.kind={cfg.model.text.kind} shapes the text tower, which this recipe does not "
                           f"have (a captioner's decoder reads text itself); drop model.text.kind")
+    if cfg.model.vision.pool == "map" and not (p.contrastive == "none" and read & {"image_pooled", "image_embed"}):
+        raise ConfigError("model.vision.pool=map adds an attention pooler that no objective of this recipe trains "
+                          "(none reads the ViT's pooled feature): probes would read it untrained and several "
+                          "processes fail on its unused parameters; choose cls, gap or max")
     captioners = [n for n, need in needs.items() if "caption_logits" in need]
     if captioners and d.depth + d.unimodal_depth == 0:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "

@@ -12,6 +12,7 @@ from torch import nn
 from vlpt.config import ModelConfig
 from vlpt.data.tokenizer import Vocab
 from vlpt.models.decoder import CaptionDecoder
+from vlpt.models.joint import TextInputs
 from vlpt.models.layers import AttentionPool
 from vlpt.models.outputs import (CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES, text_from_decoder,
                                  abilities_of, by_view, split_need, towers_of)
@@ -43,6 +44,7 @@ class ImageTextModel(nn.Module):
                 self.ln_pool = nn.LayerNorm(pool_width)
         if "text" in towers:
             self.text = text_tower(t, vocab)
+        self.joint = TextInputs(v.width, t.context_length, vocab) if "joint_tokens" in names else None
         if "image_embed" in names and p.contrastive in ("cascade", "parallel"):
             self.con_pool = AttentionPool(v.width, p.heads or v.heads, 1)
         self.image_proj = nn.Linear(pool_width, cfg.embed_dim, bias=False) if "image_embed" in names else None
@@ -134,6 +136,15 @@ class ImageTextModel(nn.Module):
             out["memory"] = mem
         return out
 
+    def _joint_tokens(self, images: torch.Tensor, text: torch.Tensor, image_keep: torch.Tensor | None = None,
+                      text_keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The image encoder over [CLS; kept patches; kept text tokens] (vlpt.models.joint); no [CLS] out."""
+        img = self.visual.embed(images, image_keep)
+        txt, real = self.joint(text, text_keep)
+        attend = torch.cat([real.new_ones(img.shape[:2]), real], dim=1)[:, None, None, :]
+        x = self.visual.encode(torch.cat([img, txt], dim=1), attend)
+        return x[:, int(self.visual.cls_token is not None):]
+
     def _text_outputs(self, text: torch.Tensor, names: set[str], dropout: float = 0.0) -> dict:
         if self.text_from_decoder:
             out = {"text_features": self.decoder.text_features(text)}
@@ -171,11 +182,18 @@ class ImageTextModel(nn.Module):
                     out["text_embed"] = F.normalize(self.text_proj(cls), dim=-1)
         if names & TEXT_OUTPUTS - out.keys():
             out.update(self._text_outputs(batch["text"], names))
+        if "joint_tokens" in names:
+            out["joint_tokens"] = self._joint_tokens(batch["image"], batch["text"])
         return out
 
     def _view(self, batch: dict, view: str, names: set[str]) -> dict:
         if view == "masked":
-            return self._image_outputs(batch["image"], names, keep=batch["image_keep"])
+            keep, out = batch["image_keep"], {}
+            if names & IMAGE_OUTPUTS:
+                out.update(self._image_outputs(batch["image"], names, keep=keep))
+            if "joint_tokens" in names:
+                out["joint_tokens"] = self._joint_tokens(batch["image"], batch["text"], keep, batch.get("text_keep"))
+            return out
         x = batch[view]  # [V,B,...]: one pass over all V*B examples, outputs reshaped to [V,B,...]
         flat = x.flatten(0, 1)
         if view == "image_views":

@@ -8,9 +8,12 @@ An objective names what it reads as `OUTPUT` or `OUTPUT@VIEW`:
   text_features  the text tower's feature at <eot> (a CoCa decoder: its [CLS]) [B,Wt]
   text_embed     the text feature projected to the shared space, unit norm    [B,D]
   caption_logits the caption decoder's next-token logits, and caption_mask (real target tokens)
+  joint_tokens   one transformer, the image encoder, over [CLS (pool=cls); image patches; text tokens]
+                 (vlpt.models.joint), after its final LN, no [CLS]: patch tokens, then text tokens  [B,N+L,W]
 and the views: none (batch["image"], batch["text"]); `image_views` / `text_views` (the recipe's extra views,
 batch[VIEW] [V,B,...]; outputs gain the leading V); `masked` (image outputs of only the patches
-batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses).
+batch["image_keep"] [B,K] keeps, which an objective's `prepare` chooses; joint_tokens also keeps only the
+text positions batch["text_keep"] [B,Kt] names, every one if it is absent).
 """
 from __future__ import annotations
 
@@ -20,8 +23,9 @@ import functools
 
 IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
 TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
-OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | {"caption_logits"}
-VIEWS = {None: OUTPUTS, "image_views": IMAGE_OUTPUTS, "masked": IMAGE_OUTPUTS, "text_views": TEXT_OUTPUTS}
+OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | {"caption_logits", "joint_tokens"}
+VIEWS = {None: OUTPUTS, "image_views": IMAGE_OUTPUTS, "masked": IMAGE_OUTPUTS | {"joint_tokens"},
+         "text_views": TEXT_OUTPUTS}
 CONTRASTIVE = frozenset({"image_embed", "text_embed"})
 TOWER_MODULES = {"vision": "visual", "text": "text", "decoder": "decoder"}  # tower -> ImageTextModel attribute
 
@@ -62,7 +66,7 @@ def towers_of(cfg, needs: frozenset[str]) -> set[str]:
     """The towers (vision, text, decoder) a model with these needs has."""
     names = {split_need(n)[0] for n in needs}
     towers = set()
-    if names & IMAGE_OUTPUTS or ("caption_logits" in names and not cfg.decoder.blind):
+    if names & IMAGE_OUTPUTS or "joint_tokens" in names or ("caption_logits" in names and not cfg.decoder.blind):
         towers.add("vision")
     if "caption_logits" in names:
         towers.add("decoder")
@@ -91,7 +95,7 @@ def output_width(cfg, name: str) -> int:
         return cfg.embed_dim
     if name == "image_pooled" and cfg.poolers.contrastive == "first" and cfg.poolers.style == "open_clip":
         return cfg.embed_dim
-    if name in IMAGE_OUTPUTS:
+    if name in IMAGE_OUTPUTS or name == "joint_tokens":
         return cfg.vision.width
     if name in TEXT_OUTPUTS:  # a decoder with unimodal layers is the text tower of a captioning recipe (CoCa)
         return cfg.decoder.width if cfg.decoder.unimodal_depth > 0 else cfg.text.width

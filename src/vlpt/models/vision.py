@@ -46,7 +46,14 @@ class VisionTransformer(nn.Module):
         keep [B,K]: indices of the patches to encode (MAE-style masking); the others never enter the
         transformer, so the tokens are [B,K,W] (a [CLS], if any, is always kept).
         """
+        x = self.encode(self.embed(images, keep))
+        return self.pool(x), (x if self.raw_tokens or self.cls_token is None else x[:, 1:])
+
+    def embed(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer's input: [CLS] (if any) and the kept patches, with their positions [B,(1+)K,W]."""
         x = (images.to(self.mean.dtype) - self.mean) / self.std
+        if keep is not None and self.cfg.stem == "conv":
+            x = x * self._seen(keep, x.shape[-1])
         x = self.patch_embed(x).flatten(2).transpose(1, 2)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
@@ -55,8 +62,20 @@ class VisionTransformer(nn.Module):
             first = int(self.cls_token is not None)
             kept = x[:, first:].gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
             x = torch.cat([x[:, :first], kept], dim=1)
-        x = self.ln_post(self.transformer(self.ln_pre(x)))
-        return self.pool(x), (x if self.raw_tokens or self.cls_token is None else x[:, 1:])
+        return x
+
+    def _seen(self, keep: torch.Tensor, size: int) -> torch.Tensor:
+        """[B,1,H,W]: 1 on the pixels of kept patches, 0 elsewhere. The conv stem's 3x3 windows reach across
+        patch borders, so a kept patch's token would see its masked neighbours' pixels; zeroed (the mean
+        colour after normalisation), they tell it nothing."""
+        p, g = self.cfg.patch_size, size // self.cfg.patch_size
+        seen = torch.zeros(keep.shape[0], g * g, device=keep.device).scatter_(1, keep, 1.0)
+        return seen.view(-1, 1, g, g).repeat_interleave(p, 2).repeat_interleave(p, 3)
+
+    def encode(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The transformer and the final LN over input tokens x [B,S,W]; `mask` [B,1,1,S] (True: a key that
+        may be attended) keeps padding out of a joint image+text sequence."""
+        return self.ln_post(self.transformer(self.ln_pre(x), mask))
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         """The pooled feature of the encoder's tokens x [B,(1+)N,W] by model.vision.pool."""

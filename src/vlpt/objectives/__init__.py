@@ -12,6 +12,8 @@ from vlpt.objectives.bow import BowPrediction
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.cl2l import CL2L
 from vlpt.objectives.contrastive import Contrastive
+from vlpt.objectives.m3ae import M3AE
+from vlpt.objectives.mae import MAE
 from vlpt.objectives.siamese import Siamese
 from vlpt.objectives.sigmoid import Sigmoid
 from vlpt.objectives.simclr import SimCLR
@@ -27,6 +29,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "swav": SwAV,  # SwALIP
     "cl2l": CL2L,  # clip-rocket
     "bow_prediction": BowPrediction,
+    "mae": MAE,
+    "m3ae": M3AE,
 }
 
 

@@ -32,6 +32,7 @@ def fp32(like: torch.Tensor):
 class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
     abilities: frozenset[str] = frozenset()  # what its heads give evaluators at inference (see `ability`)
+    sets: frozenset[str] = frozenset()  # batch keys its prepare() adds that a view reads (e.g. "image_keep")
 
     @dataclasses.dataclass
     class Options:

@@ -32,6 +32,9 @@ class Contrastive(Objective):
     Across processes each rank scores its own rows against the gathered global columns ("local loss"):
     the same gradient as the full global matrix with less memory. `local_loss: false` builds the whole
     global matrix on every rank instead (same gradient again; kept to test that claim).
+
+    `masked_image: true` scores the image embedding of only the patches a masking objective keeps (the
+    `masked` view: one encoder pass shared with MAE, FLIP-style) instead of the full image's.
     """
 
     needs = frozenset({"image_embed", "text_embed"})
@@ -42,6 +45,12 @@ class Contrastive(Objective):
         max_scale: float = 100.0
         local_loss: bool = True
         label_smoothing: float = 0.0
+        masked_image: bool = False
+
+    @classmethod
+    def needs_for(cls, options) -> frozenset[str]:
+        needs = frozenset(cls.needs)
+        return needs - {"image_embed"} | {"image_embed@masked"} if options.masked_image else needs
 
     def __init__(self, options: dict | None = None, model=None, vocab=None):
         super().__init__(options, model, vocab)
@@ -55,8 +64,9 @@ class Contrastive(Objective):
         self.log_scale.clamp_(max=math.log(self.opts.max_scale))
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        with fp32(outputs["image_embed"]):
-            return self._loss(outputs["image_embed"].float(), outputs["text_embed"].float())
+        img = outputs["image_embed@masked" if self.opts.masked_image else "image_embed"]
+        with fp32(img):
+            return self._loss(img.float(), outputs["text_embed"].float())
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, dict]:
         scale, ls = self.scale(), self.opts.label_smoothing
