@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 
 from vlpt.objectives.base import Objective
+from vlpt.objectives.byol import Byol
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.contrastive import Contrastive
 from vlpt.objectives.sigmoid import Sigmoid
@@ -15,6 +16,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "contrastive": Contrastive,
     "sigmoid": Sigmoid,
     "captioning": Captioning,
+    "byol": Byol,
 }
 
 
