@@ -82,11 +82,10 @@ class EvalPlan:
             if samples:
                 write_samples(samples, run_dir / "captions.json")
         if failed and distributed.is_main():
-            reruns = []
-            for prefix, flag in (("", ""), ("ema/", " --ema")):
-                again = " ".join(f"--task '{t[len(prefix):]}'" for t in failed if t.startswith(prefix) == bool(prefix))
-                if again:
-                    reruns.append(f"vlpt eval {run_dir}{flag} {again}")
+            averaged_failed = [t[len("ema/"):] for t in failed if t.startswith("ema/")]
+            model_failed = [t for t in failed if not t.startswith("ema/")]
+            reruns = [f"vlpt eval {run_dir}{flag} " + " ".join(f"--task '{t}'" for t in tasks)
+                      for flag, tasks in (("", model_failed), (" --ema", averaged_failed)) if tasks]
             detail = "; ".join(f"{t}: {m}" for t, m in failed.items())
             raise EvaluationFailed(f"the final evaluation failed ({detail}). The trained model is saved; "
                                    f"evaluate it again with: {' and '.join(reruns)}")

@@ -47,8 +47,7 @@ class Pretrainer(nn.Module):
         return total, metrics
 
     def after_step(self, step: int, total: int) -> None:
-        """The objectives' hooks after optimiser step `step` (EMA targets, clamps), then the model's average
-        (of the clamped weights)."""
+        """The objectives' hooks after optimiser step `step` (EMA targets, clamps), then the model's average."""
         for objective in self.objectives.values():
             objective.after_step(step, total)
         if self.ema is not None:
