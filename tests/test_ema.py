@@ -3,6 +3,7 @@ optimiser, `train.ema` saved, resumed bit-exactly and evaluated as ema/..."""
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,35 @@ def test_eval_ema_of_a_run_without_it_and_bad_values_are_one_line_errors(tmp_pat
                               ("objectives.byol.momentum_schedule=cos", "momentum_schedule='cos': choose")):
         with pytest.raises(config.ConfigError, match=re.escape(message)):
             config.resolve("byolip", MICRO + ["train.steps=1", override])
+
+
+def test_the_guides_objective_with_a_target_network_trains_and_saves_its_target(tmp_path, monkeypatch):
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "guide.md").read_text()
+    heading = guide.index("### An objective with a target network")
+    (tmp_path / "my_target.py").write_text(re.search(r"```python\n(.*?)```", guide[heading:], re.S).group(1))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = config.resolve("clip", MICRO + ["train.steps=3", "train.log_every=1"] +
+                         ['objectives={"contrastive": {}, "my_target:MomentumText": {"momentum": 0.5}}'])
+    loop.train(cfg, tmp_path / "run", progress=False)
+    w = load_file(str(checkpoint.latest(tmp_path / "run" / "checkpoints") / "model.safetensors"))
+    online = {k[len("model.text."):]: v for k, v in w.items() if k.startswith("model.text.")}
+    prefix = "objectives.my_target:MomentumText.target.module."
+    target = {k[len(prefix):]: v for k, v in w.items() if k.startswith(prefix)}
+    assert target.keys() == online.keys()
+    assert not all(torch.equal(target[k], online[k]) for k in online)  # an average, not a copy
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [math.isfinite(r["my_target:MomentumText/cos"]) for r in rows if r["kind"] == "train"] == [True] * 3
+
+
+def test_a_failed_final_evaluation_says_how_to_rerun_the_model_and_the_average(tmp_path, monkeypatch):
+    from vlpt.train import evaluation
+
+    def explode(task, model, **options):
+        raise RuntimeError("out of paper")
+
+    monkeypatch.setattr(evaluation, "run_task", explode)
+    run = tmp_path / "run"
+    cfg = config.resolve("clip", MICRO + ["train.steps=1", "train.ema=0.5", "eval.tasks=[zeroshot:scenes:colour]"])
+    again = f"vlpt eval {run} --task 'zeroshot:scenes:colour' and vlpt eval {run} --ema --task 'zeroshot:scenes:colour'"
+    with pytest.raises(evaluation.EvaluationFailed, match=re.escape(again)):
+        loop.train(cfg, run, progress=False)
