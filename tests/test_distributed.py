@@ -39,13 +39,14 @@ def test_two_processes_match_one_process(tmp_path, objective, local_loss):
 
 
 def test_torchrun_training_matches_one_process(tmp_path):
-    """`torchrun -m vlpt train` needs no code change, and 2 processes train like 1 with the global batch."""
+    """`torchrun -m vlpt train` needs no code change, and 2 processes train like 1 with the global batch (the
+    average of weights, train.ema, a function of the synchronised weights, too)."""
     from safetensors.torch import load_file
 
     from vlpt.train import checkpoint
 
     args = ["clip", "model=micro", "train.steps=4", "train.batch_size=32", "train.warmup_steps=1",
-            "views.image.crop_scale=[1,1]", "train.precision=fp32", "eval.tasks=[]", "--quiet"]
+            "views.image.crop_scale=[1,1]", "train.precision=fp32", "train.ema=0.5", "eval.tasks=[]", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlpt", "train", *args,
@@ -55,5 +56,6 @@ def test_torchrun_training_matches_one_process(tmp_path):
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (load_file(str(checkpoint.latest(tmp_path / r / "checkpoints") / "model.safetensors")) for r in ("one", "two"))
+    assert any(k.startswith("ema.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
