@@ -31,7 +31,8 @@ def test_two_processes_match_one_process(tmp_path, objective, local_loss):
 # SLIP's head has batch norms (synchronised by the loop under DDP). Adam's eps=1e-8 would turn the float noise
 # in gradients that are 0 in exact arithmetic (the biases before a batch norm) into lr-sized steps; with eps=1
 # the update follows the gradient, so the comparison measures gradients. Views off: they are drawn per rank.
-SLIP = ["slip", "train.steps=3", "train.batch_size=16", "views.image_views.crop_scale=[1,1]", "views.image_views.flip=0",
+SLIP = ["slip", "train.steps=3", "train.batch_size=16", "views.image_views.preset=null",
+        "views.image_views.crop_scale=[1,1]",
         "objectives.simclr.hidden=32", "train.eps=1.0", "train.lr=0.1"]
 
 
@@ -43,7 +44,7 @@ def test_torchrun_training_matches_one_process(tmp_path, recipe):
     from vlpt.train import checkpoint
 
     args = [*recipe, "model=micro", "train.warmup_steps=1", "views.image.crop_scale=[1,1]", "train.precision=fp32",
-            "eval.tasks=[]", "--quiet"]
+            "train.ema=0.5", "eval.tasks=[]", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlpt", "train", *args,
@@ -53,5 +54,6 @@ def test_torchrun_training_matches_one_process(tmp_path, recipe):
                          env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (load_file(str(checkpoint.latest(tmp_path / r / "checkpoints") / "model.safetensors")) for r in ("one", "two"))
+    assert any(k.startswith("ema.") for k in a)
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)

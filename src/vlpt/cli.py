@@ -131,7 +131,10 @@ def _eval(args) -> int:
     data = build(type(cfg.data), {**vars(cfg.data), **top.get("data", {})}, "data.")
     if not 0 <= data.max_bad_fraction <= 1:
         raise UsageError(f"data.max_bad_fraction={data.max_bad_fraction} must be between 0 and 1")
-    model = Model(module.model, tokenizer, objectives=module.objectives)
+    if args.ema and module.ema is None:
+        raise UsageError(f"{args.checkpoint} holds no average of weights: it was trained without train.ema; "
+                         f"drop --ema")
+    model = Model(module.ema.module if args.ema else module.model, tokenizer, objectives=module.objectives)
     tasks = args.task or resolve_tasks([t.task for t in cfg.eval.tasks], cfg.data.source, model.abilities)
     if not tasks:
         raise UsageError(f"no evaluation tasks: the run's data ({cfg.data.source}) implies none; "
@@ -335,6 +338,7 @@ def parser() -> Parser:
     e.add_argument("--templates", help="prompt templates: imagenet80 (default) or simple")
     e.add_argument("--json", action="store_true", help="print exactly one JSON object of metrics on stdout")
     e.add_argument("--captions-out", metavar="JSON", help="write the generated captions of captioning tasks here")
+    e.add_argument("--ema", action="store_true", help="evaluate the run's average of weights (train.ema) instead")
     e.set_defaults(fn=_eval)
 
     c = command("caption", "print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES)

@@ -224,6 +224,10 @@ class TrainConfig:
     threads: int = 0  # 0 = torch's default
     log_every: int = 10
     max_nonfinite_steps: int = 20  # this many non-finite losses/gradients in a row stop the run
+    # > 0: also keep an exponential moving average of the model's weights with this decay (e.g. 0.999), saved
+    # in the checkpoints; the final evaluation reports it too, as ema/TASK/METRIC (vlpt.train.ema)
+    ema: float = 0.0
+    ema_schedule: str = "warmup"  # constant | cosine | warmup (decay min(ema, (1+k)/(10+k)) at step k)
 
 
 @dataclass
@@ -261,6 +265,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+EMA_SCHEDULES = ("constant", "cosine", "warmup")  # of an average of weights: vlpt.train.ema
 SHORTHANDS = {"data": "data.source", "model": "model.preset"}
 BUDGET_KEYS = ("train.steps", "train.epochs", "train.samples")
 # keys that moved: saved configs of older runs are read with the new key; a user's override is told of it
@@ -486,6 +491,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={tr.batch_size} must be a multiple of train.accum_steps={tr.accum_steps}")
     if tr.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision={tr.precision!r}: choose auto, fp32, bf16 or fp16")
+    if tr.ema_schedule not in EMA_SCHEDULES:
+        raise ConfigError(f"train.ema_schedule={tr.ema_schedule!r}: choose {', '.join(EMA_SCHEDULES)}")
     if tr.max_nonfinite_steps < 1:
         raise ConfigError(f"train.max_nonfinite_steps={tr.max_nonfinite_steps} must be at least 1 (default 20)")
     if not 0 <= cfg.data.max_bad_fraction <= 1:
@@ -511,6 +518,7 @@ def _validate_numbers(cfg: Config) -> None:
         ("train.grad_clip", tr.grad_clip, tr.grad_clip >= 0, ">= 0 (0 = no clipping)"),
         ("train.threads", tr.threads, tr.threads >= 0, ">= 0 (0 = torch's default)"),
         ("train.log_every", tr.log_every, tr.log_every >= 1, "at least 1 (default 10)"),
+        ("train.ema", tr.ema, 0 <= tr.ema < 1, "in [0, 1): 0 = off, else a decay such as 0.999"),
         ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0 (0 = only at the end)"),
         ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, "at least 1 (default 2)"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0 (0 = in the main process)"),

@@ -109,5 +109,8 @@ def batch_iterator(batches: StepBatches, start: int, stop: int, num_workers: int
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=4 if num_workers else None,
+        # its own generator: iter(DataLoader) draws the workers' base seed from it, which would otherwise be
+        # the global one, where it would shift what a resumed run's dropout draws (text_views.dropout)
+        generator=torch.Generator().manual_seed(batches.seed),
     )
     return iter(loader)

@@ -9,6 +9,7 @@ import difflib
 from vlpt.objectives.barlow import Barlow
 from vlpt.objectives.base import Objective
 from vlpt.objectives.bow import BowPrediction
+from vlpt.objectives.byol import Byol
 from vlpt.objectives.captioning import Captioning
 from vlpt.objectives.cl2l import CL2L
 from vlpt.objectives.contrastive import Contrastive
@@ -31,6 +32,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "bow_prediction": BowPrediction,
     "mae": MAE,
     "m3ae": M3AE,
+    "byol": Byol,
 }
 
 

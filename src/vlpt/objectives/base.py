@@ -6,7 +6,9 @@
 - owns whatever parameters it needs (a temperature, projector MLPs, predictors, prototypes, a decoder),
   built in __init__ from the model config's widths (`output_width`) and the vocabulary;
 - may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs
-  (`forward`), and acts after each optimiser step (`after_step`: EMA targets, clamps, normalisation).
+  (`forward`), and acts after each optimiser step (`after_step`: EMA targets, clamps, normalisation);
+- may keep what it needs of the model itself (`attach`, called once with the built model): e.g. a frozen,
+  averaged copy of the towers as a target network (vlpt.train.ema.EMA; objectives/byol.py);
 - may offer evaluators what only its heads compute (`abilities`, e.g. "bow_logits", and `ability`); the
   inference model (vlpt.inference.Model) adds them to the model's own abilities.
 
@@ -68,6 +70,13 @@ class Objective(nn.Module):
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def attach(self, model: nn.Module) -> None:
+        """Called once by the Pretrainer with the built vlpt.models.model.ImageTextModel (towers already
+        initialised from model.init and locked), before the run moves it to its device. An objective that
+        reads more of the model than its outputs keeps it here, e.g. `self.target = EMA(...)` over the
+        towers and its heads: a submodule made of frozen copies (no gradients, no optimiser state, saved in
+        the checkpoints), never the model itself (its weights would be registered twice)."""
 
     def after_step(self, step: int, total: int) -> None:
         """After optimiser step `step` (1-based) of `total`: EMA targets, parameter clamps, normalisation."""

@@ -44,16 +44,19 @@ class EvalPlan:
         return [t for t, period in self.tasks if period and step % period == 0 and step != total]
 
     def run(self, tasks: list[str], model, step: int, log: MetricsLog, progress: bool,
-            samples: dict | None = None) -> tuple[dict, dict]:
-        """(metrics, {task: error message}) on the main process; the other ranks wait."""
+            samples: dict | None = None, averaged=None) -> tuple[dict, dict]:
+        """(metrics, {task: error message}) on the main process; the other ranks wait. `averaged`: the
+        model's average of weights (train.ema), whose metrics and failures are named `ema/...`."""
         results, failed = {}, {}
         if distributed.is_main():
-            for task in tasks:
-                try:
-                    results.update(run_task(task, model, templates=self.cfg.eval.templates, progress=progress,
-                                            samples=samples, max_bad_fraction=self.cfg.data.max_bad_fraction))
-                except Exception as err:  # noqa: BLE001 - reported; training and other tasks go on
-                    failed[task] = f"{type(err).__name__}: {err}"
+            for prefix, m, keep in (("", model, samples), ("ema/", averaged, None)):
+                for task in tasks if m is not None else ():
+                    try:
+                        got = run_task(task, m, templates=self.cfg.eval.templates, progress=progress, samples=keep,
+                                       max_bad_fraction=self.cfg.data.max_bad_fraction)
+                        results.update({prefix + k: v for k, v in got.items()})
+                    except Exception as err:  # noqa: BLE001 - reported; training and other tasks go on
+                        failed[prefix + task] = f"{type(err).__name__}: {err}"
             if results:
                 log.write(step, "eval", results)
             for task, message in failed.items():
@@ -69,17 +72,21 @@ class EvalPlan:
                 print(f"warning: evaluation task {task!r} failed at step {step} ({message}); training goes on",
                       file=sys.stderr)
 
-    def final(self, model, step: int, log: MetricsLog, progress: bool, run_dir: Path) -> dict:
-        """Every task; results.json and captions.json (generated captions) in the run folder."""
+    def final(self, model, step: int, log: MetricsLog, progress: bool, run_dir: Path, averaged=None) -> dict:
+        """Every task, on the model and on its `averaged` weights if given (as ema/...); results.json and
+        captions.json (the model's generated captions) in the run folder."""
         samples: dict = {}
-        results, failed = self.run([t for t, _ in self.tasks], model, step, log, progress, samples)
+        results, failed = self.run([t for t, _ in self.tasks], model, step, log, progress, samples, averaged)
         if distributed.is_main():
             (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             if samples:
                 write_samples(samples, run_dir / "captions.json")
         if failed and distributed.is_main():
-            rerun = " ".join(f"--task '{t}'" for t in failed)
+            averaged_failed = [t[len("ema/"):] for t in failed if t.startswith("ema/")]
+            model_failed = [t for t in failed if not t.startswith("ema/")]
+            reruns = [f"vlpt eval {run_dir}{flag} " + " ".join(f"--task '{t}'" for t in tasks)
+                      for flag, tasks in (("", model_failed), (" --ema", averaged_failed)) if tasks]
             detail = "; ".join(f"{t}: {m}" for t, m in failed.items())
             raise EvaluationFailed(f"the final evaluation failed ({detail}). The trained model is saved; "
-                                   f"evaluate it again with: vlpt eval {run_dir} {rerun}")
+                                   f"evaluate it again with: {' and '.join(reruns)}")
         return results

@@ -32,7 +32,7 @@ from vlpt.train.pretrainer import abilities, build
 from vlpt.train.resume import RunState, resume_checkpoint, seed_everything, trim_metrics
 from vlpt.train.signals import Interrupted, StopSignals
 from vlpt.train.step import StepParts, autocast_dtype, to_device, train_step
-from vlpt.train.towers import check_sources, init_towers, lock_towers
+from vlpt.train.towers import check_sources
 
 
 def total_steps(cfg: Config, num_captions: int) -> int:
@@ -96,10 +96,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
 
     tokenizer = make_tokenizer(cfg, data.captions, run_dir)
     tokens, cut = tokenize(tokenizer, data.captions)
-    module = build(cfg, tokenizer.vocab)
-    if last is None:
-        init_towers(module.model, cfg.model.init)
-    lock_towers(module.model, cfg.model.lock)
+    module = build(cfg, tokenizer.vocab, init=last is None)
     module.to(device)
     optimizer = build_optimizer(module, cfg.train)
     steps = total_steps(cfg, len(data))
@@ -132,6 +129,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                dynamic_ncols=True)
     step_log = StepLog(log, bar, cfg.train.log_every, steps, len(data), cfg.train.batch_size)
     eval_model = Model(module.model, tokenizer, device, module.objectives)
+    averaged = Model(module.ema.module, tokenizer, device, module.objectives) if module.ema is not None else None  # train.ema
     module.train()
     try:
         with StopSignals() as signals:
@@ -159,7 +157,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         bar.close()
         if start < steps:  # a resumed finished run already has its final checkpoint
             state.save(steps)
-        return evaluation.final(eval_model, steps, log, progress, run_dir)
+        return evaluation.final(eval_model, steps, log, progress, run_dir, averaged)
     finally:
         bar.close()
         log.close()

@@ -1,4 +1,5 @@
-"""The model plus a recipe's objectives: one forward pass computes every output the objectives need."""
+"""The model plus a recipe's objectives: one forward pass computes every output the objectives need; and,
+with `train.ema`, an average of the model's weights (vlpt.train.ema) evaluated beside it."""
 from __future__ import annotations
 
 import torch
@@ -9,6 +10,8 @@ from vlpt.data.tokenizer import Vocab
 from vlpt.models.model import ImageTextModel
 from vlpt.models.outputs import abilities_of
 from vlpt.objectives import Objective, objective_class
+from vlpt.train.ema import EMA
+from vlpt.train.towers import init_towers, lock_towers
 
 
 def module_key(name: str) -> str:
@@ -17,13 +20,18 @@ def module_key(name: str) -> str:
 
 
 class Pretrainer(nn.Module):
-    def __init__(self, model: ImageTextModel, objectives: dict[str, Objective], weights: dict[str, float]):
+    def __init__(self, model: ImageTextModel, objectives: dict[str, Objective], weights: dict[str, float],
+                 ema: float = 0.0, ema_schedule: str = "warmup"):
+        """`ema` > 0: also keep `self.ema`, an average of the model's weights with that decay (train.ema)."""
         super().__init__()
         self.model = model
         self.objectives = nn.ModuleDict({module_key(k): o for k, o in objectives.items()})
         self.names = dict(zip(self.objectives, objectives))  # module key -> the recipe's name
         self.weights = {module_key(k): w for k, w in weights.items()}
         self.needs = frozenset().union(*(o.needs for o in objectives.values()))
+        for objective in self.objectives.values():
+            objective.attach(model)
+        self.ema = EMA(model, ema, ema_schedule) if ema > 0 else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         batch = dict(batch)
@@ -40,9 +48,11 @@ class Pretrainer(nn.Module):
         return total, metrics
 
     def after_step(self, step: int, total: int) -> None:
-        """The objectives' hooks after optimiser step `step` (EMA targets, clamps)."""
+        """The objectives' hooks after optimiser step `step` (EMA targets, clamps), then the model's average."""
         for objective in self.objectives.values():
             objective.after_step(step, total)
+        if self.ema is not None:
+            self.ema.update(step, total)
 
 
 def abilities(cfg: Config) -> frozenset[str]:
@@ -52,8 +62,17 @@ def abilities(cfg: Config) -> frozenset[str]:
     return abilities_of(cfg.model, model_needs(cfg)).union(*own)
 
 
-def build(cfg: Config, vocab: Vocab) -> Pretrainer:
-    """The model the objectives need, then the objectives (which may build heads on its widths)."""
+def build(cfg: Config, vocab: Vocab, init: bool = False) -> Pretrainer:
+    """The model the objectives need, then the objectives (which may build heads on its widths).
+
+    `init`: a new run, whose towers start from model.init (a resumed or loaded run reads its own weights
+    after this). Towers are initialised and locked before the objectives attach, so that averaged copies of
+    the model start from the weights the run starts from.
+    """
     model = ImageTextModel(cfg.model, vocab, model_needs(cfg), cfg.views.text_views.dropout)
+    if init:
+        init_towers(model, cfg.model.init)
+    lock_towers(model, cfg.model.lock)
     objectives = {name: objective_class(name)(o.options, cfg.model, vocab) for name, o in cfg.objectives.items()}
-    return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()})
+    return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()}, cfg.train.ema,
+                      cfg.train.ema_schedule)
