@@ -22,20 +22,9 @@ from torch import nn
 
 from vlpt.models.outputs import output_width
 from vlpt.objectives.base import Objective, fp32
+from vlpt.objectives.heads import mlp
 from vlpt.train.ema import SCHEDULES, EMA
 from vlpt.typed import ConfigError
-
-
-def mlp(widths: list[int], last_bias: bool = True, last_norm: bool = False) -> nn.Sequential:
-    """Linear(no bias)-BN-ReLU between each pair of `widths`, then Linear; `last_norm`: a BN without affine
-    parameters after it (SiamLIP's projector). The same design as the SiamLIP objective's heads."""
-    layers: list[nn.Module] = []
-    for w_in, w_out in zip(widths[:-2], widths[1:-1]):
-        layers += [nn.Linear(w_in, w_out, bias=False), nn.BatchNorm1d(w_out), nn.ReLU(inplace=True)]
-    layers.append(nn.Linear(widths[-2], widths[-1], bias=last_bias))
-    if last_norm:
-        layers.append(nn.BatchNorm1d(widths[-1], affine=False))
-    return nn.Sequential(*layers)
 
 
 class Towers(nn.Module):
@@ -81,10 +70,11 @@ class Byol(Objective):
     def __init__(self, options: dict | None = None, model=None, vocab=None):
         super().__init__(options, model, vocab)
         h, d = self.opts.hidden, self.opts.dim
-        self.image_head = mlp([output_width(model, "image_pooled"), h, d], last_bias=False, last_norm=True)
-        self.text_head = mlp([output_width(model, "text_features"), h, d], last_bias=False, last_norm=True)
-        self.image_to_text = mlp([d, h, d])
-        self.text_to_image = mlp([d, h, d])
+        projector = {"bias": False, "last_bias": False, "last_norm": "bn-plain"}  # SiamLIP's heads
+        self.image_head = mlp([output_width(model, "image_pooled"), h, d], **projector)
+        self.text_head = mlp([output_width(model, "text_features"), h, d], **projector)
+        self.image_to_text = mlp([d, h, d], bias=False)
+        self.text_to_image = mlp([d, h, d], bias=False)
         self.target: EMA | None = None  # attach() builds it from the model
 
     @classmethod
