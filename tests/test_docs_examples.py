@@ -18,6 +18,8 @@ import torch
 from PIL import Image
 
 from vlpt import cli, config
+from vlpt.data.sources import load_captions_table
+from vlpt.data.webdataset_io import write_shards
 from vlpt.eval.registry import parse_task
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +136,7 @@ def sandbox(tmp_path_factory):
     rows = "".join(f"imgs/{k}.png,a {colours[k % 3]} square\n" for k in range(8))
     for name in ("my_captions.csv", "my_test_captions.csv"):
         (work / name).write_text("image,caption\n" + rows)
+    write_shards(load_captions_table(work / "my_captions.csv"), str(work / "shards" / "mine-%06d.tar"), maxcount=1)
     for name in ("photo.jpg", "photo1.jpg", "photo2.jpg", "image.jpg", "image1.jpg", "image2.jpg"):
         picture(work / name, len(name))
     old = os.getcwd()

@@ -20,7 +20,7 @@ TRAIN_EXAMPLES = """examples:
   vlpt train clip data=flickr8k:../shared/data/flickr8k model=tiny-clip train.epochs=5 --out runs/f8k
   vlpt train siglip data=my_captions.csv train.steps=2000 train.batch_size=256
   vlpt train clip --out runs/clip --resume                 # continue an interrupted run
-  torchrun --nproc_per_node 8 -m vlpt train clip model=vit-b16 data=wds:'shards/{000000..000999}.tar'
+  torchrun --nproc_per_node 8 -m vlpt train clip model=vit-b16 data=wds:'shards/{000000..000999}.tar' data.cache_images=false
 
 Every key of the resolved config can be set as key=value (see a run's config.yaml);
 `data=X` is short for data.source=X and `model=P` for model.preset=P."""
@@ -50,7 +50,8 @@ DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   coco:JSON[:IMAGE_ROOT]    COCO captions JSON
   folder:PATH[:SPLIT]       class-per-folder images; labels become text with prompt templates
   cifar10:SPLIT             the CIFAR-10 folder of ../shared/data
-  wds:PATTERN               WebDataset shards, e.g. wds:'shards/{000000..000009}.tar'
+  wds:PATTERN               WebDataset shards, e.g. wds:'shards/{000000..000009}.tar'; training streams
+                            them with data.cache_images=false (or data.streaming=true)
   sugarcrepe:DIR            a SugarCrepe folder: <category>.json files and images/
   A + B@0.3                 a weighted mixture of sources (weights default to 1)
   a bare path is recognised by its layout."""
@@ -379,7 +380,8 @@ def parser() -> Parser:
     pk.add_argument("spec")
     pk.add_argument("out", help="shard name pattern with a %%d field, e.g. shards/train-%%06d.tar")
     pk.add_argument("--maxcount", type=int, default=1000, help="samples per shard")
-    pk.add_argument("--size", type=int, help="re-encode images at this size (default: keep the files)")
+    pk.add_argument("--size", type=int, help="re-encode larger images with their shorter side at this size "
+                                             "(default: keep the files)")
     da.set_defaults(fn=_data)
 
     x = command("export", "write a run as another format's model folder", epilog=EXPORT_HELP)

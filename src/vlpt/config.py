@@ -102,6 +102,7 @@ class ModelConfig:
 class TokenizerConfig:
     vocab_size: int = 4096
     path: str | None = None  # an existing HF tokenizer.json to use instead of training one
+    sample_captions: int = 20000  # streamed shards: a tokenizer is trained on this many captions of the first shards
 
 
 @dataclass
@@ -110,6 +111,11 @@ class DataConfig:
     max_bad_fraction: float = 0.01  # unreadable images / empty captions / bad rows, samples, shards: above it, stop
     cache_images: bool = True  # decode every image once into memory (else decode per batch in workers)
     num_workers: int = 0
+    # auto: stream WebDataset shards when cache_images=false (else read them whole); true: always stream (the
+    # source must be shards); false: never. Streamed shards are read in turn, never held whole (guide, "Data specs")
+    streaming: str = "auto"
+    shuffle_buffer: int = 1000  # streamed shards: samples each data worker shuffles among (1 = shard order)
+    resample: bool = False  # streamed shards: each worker draws its shards with replacement (no epoch split)
 
 
 @dataclass
@@ -495,6 +501,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.ema_schedule={tr.ema_schedule!r}: choose {', '.join(EMA_SCHEDULES)}")
     if tr.max_nonfinite_steps < 1:
         raise ConfigError(f"train.max_nonfinite_steps={tr.max_nonfinite_steps} must be at least 1 (default 20)")
+    streaming = str(cfg.data.streaming).lower()  # YAML reads `true` as a boolean
+    if streaming not in ("auto", "true", "false"):
+        raise ConfigError(f"data.streaming={cfg.data.streaming!r}: choose auto, true or false")
+    cfg.data.streaming = streaming
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be between 0 and 1 (default 0.01)")
     _validate_eval(cfg)
@@ -522,6 +532,9 @@ def _validate_numbers(cfg: Config) -> None:
         ("checkpoint.every_steps", cfg.checkpoint.every_steps, cfg.checkpoint.every_steps >= 0, ">= 0 (0 = only at the end)"),
         ("checkpoint.keep", cfg.checkpoint.keep, cfg.checkpoint.keep >= 1, "at least 1 (default 2)"),
         ("data.num_workers", cfg.data.num_workers, cfg.data.num_workers >= 0, ">= 0 (0 = in the main process)"),
+        ("data.shuffle_buffer", cfg.data.shuffle_buffer, cfg.data.shuffle_buffer >= 1, "at least 1 (1 = no shuffling)"),
+        ("tokenizer.sample_captions", cfg.tokenizer.sample_captions, cfg.tokenizer.sample_captions >= 1,
+         "at least 1 (default 20000)"),
         ("tokenizer.vocab_size", cfg.tokenizer.vocab_size, cfg.tokenizer.vocab_size >= 16, "at least 16 (default 4096)"),
         ("model.embed_dim", cfg.model.embed_dim, cfg.model.embed_dim >= 1, "at least 1"),
     ]

@@ -1,5 +1,5 @@
-"""Training batches as a pure function of the step: batch k is the same whatever happened before it,
-so resuming at step k needs no saved iterator state."""
+"""Training batches of a set read into memory as a pure function of the step: batch k is the same whatever
+happened before it, so resuming at step k needs no saved iterator state (streamed shards: streaming.py)."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +38,8 @@ class StepBatches(Dataset):
         world: int = 1,
         text_views: TextViews | None = None,
         tokenizer: TextTokenizer | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
     ):
         # the loop checks these with the fix named (train/data.py, loop.check_batch_split)
         assert weights is not None or len(data) >= batch_size, "an epoch must hold at least one batch"
@@ -49,6 +51,7 @@ class StepBatches(Dataset):
         self._perm_epoch, self._perm = -1, None
         self.text_views = text_views if text_views is not None and text_views.active else None
         self.tokenizer = tokenizer
+        self.num_workers, self.pin_memory = num_workers, pin_memory
 
     def __len__(self) -> int:  # effectively unbounded; the loop asks for the steps it runs
         return 2**62
@@ -101,16 +104,19 @@ class StepBatches(Dataset):
         return int(torch.randint(len(self.data), (1,), generator=g))
 
 
-def batch_iterator(batches: StepBatches, start: int, stop: int, num_workers: int = 0):
-    loader = DataLoader(
-        batches,
-        sampler=range(start, stop),
-        batch_size=None,
-        num_workers=num_workers,
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers else None,
-        # its own generator: iter(DataLoader) draws the workers' base seed from it, which would otherwise be
-        # the global one, where it would shift what a resumed run's dropout draws (text_views.dropout)
-        generator=torch.Generator().manual_seed(batches.seed),
-    )
-    return iter(loader)
+    def iterate(self, start: int, stop: int):
+        """Batches for steps start .. stop - 1, decoded in `num_workers` DataLoader workers."""
+        loader = DataLoader(self, sampler=range(start, stop), batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if self.num_workers else None,
+                            # its own generator: iter(DataLoader) draws the workers' base seed from it, which
+                            # would otherwise be the global one, where it would shift what a resumed run's
+                            # dropout draws (text_views.dropout)
+                            generator=torch.Generator().manual_seed(self.seed))
+        return iter(loader)
+
+    def state_dict(self) -> dict:  # the step alone is the position
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

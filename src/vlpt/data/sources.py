@@ -348,12 +348,39 @@ def _split_last(rest: str) -> tuple[str, str | None]:
     return (head, tail) if sep else (rest, None)
 
 
+def _is_shard_folder(path: Path) -> bool:
+    return not (path / "captions.txt").is_file() and any(path.glob("*.tar"))
+
+
+def shard_urls(spec: str) -> list[str] | None:
+    """The shard paths when `spec` is one set of WebDataset shards (`wds:PATTERN`, a .tar file, a .tar glob or
+    brace pattern, a folder of .tar files), else None. Only names are listed: no shard is opened."""
+    from .mixing import parse_mixture
+    from .webdataset_io import expand_urls
+
+    spec = spec.strip()
+    path = Path(spec).expanduser()
+    if path.exists():
+        shards = _is_shard_folder(path) if path.is_dir() else path.suffix.lower() == ".tar"
+        return expand_urls(str(path)) if shards else None
+    parts = parse_mixture(spec)
+    if len(parts) > 1:
+        return None
+    spec = parts[0][0]  # a lone `SPEC@w` is SPEC
+    kind, sep, rest = spec.partition(":")
+    if kind == "wds" and sep and rest:
+        return expand_urls(rest)
+    if re.search(r"\.tar$", spec) and re.search(r"[{*?\[]", spec):
+        return expand_urls(spec)
+    return None
+
+
 def _auto(path: Path) -> ImageTextSet:
     """Guess the kind of an existing path."""
     if path.is_dir():
         if (path / "captions.txt").is_file():
             return load_flickr8k(path)
-        if any(path.glob("*.tar")):
+        if _is_shard_folder(path):
             from .webdataset_io import read_shards
             return read_shards(str(path))[0]
         return load_image_folder(path)

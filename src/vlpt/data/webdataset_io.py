@@ -128,11 +128,8 @@ def expand_urls(urls: str | list[str]) -> list[str]:
     return out
 
 
-def _sample_to_record(sample: dict) -> tuple[bytes, list[str], int | None, str | None, bool]:
-    """(image bytes, captions, label, class name, whether the text needed U+FFFD repairs)."""
-    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
-    if data is None:
-        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
+def sample_captions(sample: dict) -> tuple[list[str], dict, bool]:
+    """(captions, the parsed .json or {}, whether the .txt needed U+FFFD repairs) of a shard sample."""
     meta = json.loads(sample["json"]) if "json" in sample else {}
     captions = [str(c) for c in meta.get("captions", []) if c is not None]
     repaired = False
@@ -141,8 +138,26 @@ def _sample_to_record(sample: dict) -> tuple[bytes, list[str], int | None, str |
             captions = [sample["txt"].decode("utf-8")]
         except UnicodeDecodeError:
             captions, repaired = [sample["txt"].decode("utf-8", errors="replace")], True
+    return captions, meta, repaired
+
+
+def sample_record(sample: dict) -> tuple[bytes, list[str], int | None, str | None, bool]:
+    """(image bytes, captions, label, class name, whether the text needed U+FFFD repairs)."""
+    data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if data is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in the sample")
+    captions, meta, repaired = sample_captions(sample)
     Image.open(io.BytesIO(data))  # header check: raises on bytes that are no image
     return data, captions, meta.get("label"), meta.get("classname"), repaired
+
+
+def shard_samples(path: str, select_files=None):
+    """The samples of one shard in order, as dicts of raw bytes by extension (plus `__key__`, `__url__`);
+    `select_files(name)` keeps only some members. A missing, truncated or non-tar shard raises when the
+    reading reaches the damage, after the samples before it."""
+    with open(path, "rb") as stream:
+        files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}], select_files=select_files)
+        yield from wds.tariterators.group_by_keys(files)
 
 
 def read_shards(urls: str | list[str]) -> tuple[ImageTextSet, int]:
@@ -153,29 +168,27 @@ def read_shards(urls: str | list[str]) -> tuple[ImageTextSet, int]:
     bad_samples, bad_shards, empty, non_utf8, n_samples, n_captions = [], [], [], [], 0, 0
     for path in paths:
         try:
-            with open(path, "rb") as stream:
-                files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}])
-                for sample in wds.tariterators.group_by_keys(files):
-                    n_samples += 1
-                    origin = f"{path}#{sample.get('__key__')}"
-                    try:
-                        data, caps, label, classname, repaired = _sample_to_record(sample)
-                    except Exception as e:
-                        bad_samples.append(f"{origin} ({type(e).__name__}: {e})")
+            for sample in shard_samples(path):
+                n_samples += 1
+                origin = f"{path}#{sample.get('__key__')}"
+                try:
+                    data, caps, label, classname, repaired = sample_record(sample)
+                except Exception as e:
+                    bad_samples.append(f"{origin} ({type(e).__name__}: {e})")
+                    continue
+                if repaired:
+                    non_utf8.append(origin)
+                n_captions += len(caps)
+                for c in caps:
+                    if not c.strip():
+                        empty.append(origin)
                         continue
-                    if repaired:
-                        non_utf8.append(origin)
-                    n_captions += len(caps)
-                    for c in caps:
-                        if not c.strip():
-                            empty.append(origin)
-                            continue
-                        captions.append(c)
-                        caption_image.append(len(images))
-                    images.append(EncodedImage(origin, data))
-                    labels.append(label)
-                    if label is not None and classname is not None:
-                        names[int(label)] = classname
+                    captions.append(c)
+                    caption_image.append(len(images))
+                images.append(EncodedImage(origin, data))
+                labels.append(label)
+                if label is not None and classname is not None:
+                    names[int(label)] = classname
         except Exception as e:  # missing, truncated or not a tar: count the shard and go on
             bad_shards.append(f"{path} ({type(e).__name__}: {e})")
             print(f"warning: unreadable shard {path} ({type(e).__name__}: {e}); skipped", file=sys.stderr)

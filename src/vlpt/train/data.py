@@ -1,14 +1,109 @@
-"""The training data of a run: images (decoded once, or per batch), the run's tokenizer and token ids."""
+"""The training data of a run: a set read into memory (images decoded once, or per batch) or shards streamed,
+the run's tokenizer and the batches, with what the first `data` row of metrics.jsonl says about them."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
 from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
+from vlpt.data.views import TextViews
 from vlpt.train import distributed
+
+
+def training_source(cfg: Config, world: int, progress: bool):
+    """The run's training data, per data.streaming: StreamedData or InMemoryData. Either fails here on what
+    can be known before the run writes anything (a bad spec, unreadable data, a batch larger than the data)."""
+    urls = streamed_shards(cfg)
+    return InMemoryData(cfg, progress) if urls is None else StreamedData(cfg, urls, world)
+
+
+def streamed_shards(cfg: Config) -> list[str] | None:
+    """The shards to stream, or None when the data is read into memory."""
+    from vlpt.data.sources import shard_urls
+
+    mode, spec = cfg.data.streaming, cfg.data.source
+    if mode == "false":
+        return None
+    urls = shard_urls(spec)
+    if mode == "true" and urls is None:
+        raise ConfigError(f"data.streaming=true streams WebDataset shards, but data.source={spec!r} is not one set of "
+                          f"shards; give wds:PATTERN (`vlpt data pack` writes them) or set data.streaming=auto")
+    return None if mode == "auto" and cfg.data.cache_images else urls
+
+
+class InMemoryData:
+    """A data set read whole: images decoded once (data.cache_images) or per batch; batch k is a pure function
+    of (seed, k, rank)."""
+
+    def __init__(self, cfg: Config, progress: bool):
+        self.cfg = cfg
+        data, weights = open_training_data(cfg)
+        self.data, self.images, self.weights, self.bad = decode_training_data(cfg, data, weights, progress)
+        self.size = len(self.data)  # captions: an epoch
+        self.cut = torch.zeros(0, dtype=torch.bool)
+
+    def captions(self) -> list[str]:
+        return self.data.captions
+
+    def batches(self, tokenizer: TextTokenizer, text_views: TextViews, rank: int, world: int, counters: dict,
+                pin_memory: bool = False):
+        from vlpt.data.loader import StepBatches
+
+        cfg = self.cfg
+        tokens, self.cut = tokenize(tokenizer, self.data.captions)
+        return StepBatches(self.data, tokens, cfg.train.batch_size, cfg.train.seed, cfg.model.vision.image_size,
+                           images=self.images, weights=self.weights, rank=rank, world=world, text_views=text_views,
+                           tokenizer=tokenizer, num_workers=cfg.data.num_workers, pin_memory=pin_memory)
+
+    def summary(self) -> dict:
+        data = self.data
+        return {"images": data.num_images, "captions": len(data), "bad_images": len(self.bad),
+                "long_captions": int(self.cut.sum()), **{k: len(i.names) for k, i in data.issues.items()}}
+
+
+class StreamedData:
+    """WebDataset shards streamed (vlpt.data.streaming): nothing of the data set is held in memory, so its size
+    is not known before it is read (size None)."""
+
+    size = None
+
+    def __init__(self, cfg: Config, urls: list[str], world: int):
+        from vlpt.data.streaming import probe
+
+        self.cfg, self.urls = cfg, urls
+        if cfg.train.epochs is not None:
+            raise ConfigError(f"train.epochs={cfg.train.epochs} needs the size of the data, which streamed shards do "
+                              f"not tell before they are read; give train.samples (epochs x samples per epoch) or "
+                              f"train.steps, or read the shards whole with data.streaming=false")
+        readers = world * max(1, cfg.data.num_workers)
+        if len(urls) < readers and not cfg.data.resample:
+            raise ConfigError(f"{len(urls)} shards cannot be split over {world} processes x "
+                              f"{max(1, cfg.data.num_workers)} data workers (data.num_workers), which each read their "
+                              f"own; write at least {readers} shards (`vlpt data pack --maxcount`), lower "
+                              f"data.num_workers, or set data.resample=true")
+        probe(urls, cfg.data.max_bad_fraction)
+
+    def captions(self) -> list[str]:
+        from vlpt.data.streaming import caption_sample
+
+        return caption_sample(self.urls, self.cfg.tokenizer.sample_captions)
+
+    def batches(self, tokenizer: TextTokenizer, text_views: TextViews, rank: int, world: int, counters: dict,
+                pin_memory: bool = False):
+        from vlpt.data.streaming import ShardStream, StreamBatches
+
+        cfg = self.cfg
+        stream = ShardStream(self.urls, cfg.train.batch_size // world, cfg.model.vision.image_size, cfg.train.seed,
+                             tokenizer, rank=rank, world=world, num_workers=cfg.data.num_workers,
+                             shuffle_buffer=cfg.data.shuffle_buffer, resample=cfg.data.resample, text_views=text_views)
+        return StreamBatches(stream, counters, cfg.data.max_bad_fraction, pin_memory)
+
+    def summary(self) -> dict:
+        return {"shards": len(self.urls)}
 
 
 def open_training_data(cfg: Config):
@@ -72,11 +167,12 @@ def inherited_tokenizer(cfg: Config) -> str | None:
     return None
 
 
-def make_tokenizer(cfg: Config, captions: list[str], run_dir: Path) -> TextTokenizer:
+def make_tokenizer(cfg: Config, captions: Sequence[str] | Callable[[], Sequence[str]], run_dir: Path) -> TextTokenizer:
     """The run's tokenizer.json (a resumed run reuses it), made by the main process; every rank waits for it
     (deciding by the file's existence on each rank would let a late rank skip the barrier).
 
-    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, one trained on `captions`.
+    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, one trained on `captions`
+    (a function giving them when reading them costs: only called when a tokenizer is trained).
     """
     path = run_dir / "tokenizer.json"
     ctx = cfg.model.text.context_length
@@ -87,7 +183,7 @@ def make_tokenizer(cfg: Config, captions: list[str], run_dir: Path) -> TextToken
         elif inherited is not None:
             tok = TextTokenizer.from_str(inherited, ctx)
         else:
-            tok = TextTokenizer.train(captions, cfg.tokenizer.vocab_size, ctx)
+            tok = TextTokenizer.train(captions() if callable(captions) else captions, cfg.tokenizer.vocab_size, ctx)
         tmp = path.with_suffix(".tmp")
         tok.save(tmp)
         os.replace(tmp, path)  # whole or absent, like a checkpoint

@@ -47,7 +47,7 @@ class StepLog:
     """The training rows of metrics.jsonl (every `every` steps and the last) and the progress bar's figures;
     samples/s is measured over the steps since the last row."""
 
-    def __init__(self, log: MetricsLog, bar, every: int, total: int, samples_per_epoch: int, batch_size: int):
+    def __init__(self, log: MetricsLog, bar, every: int, total: int, samples_per_epoch: int | None, batch_size: int):
         self.log, self.bar, self.every, self.total = log, bar, every, total
         self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
         self.since, self.samples = time.perf_counter(), 0
@@ -56,12 +56,18 @@ class StepLog:
         self.samples += samples
         if result.updated and (step % self.every == 0 or step == self.total):
             rate = self.samples / (time.perf_counter() - self.since)
+            epoch = {} if self.samples_per_epoch is None else {"epoch": step * self.batch_size / self.samples_per_epoch}
             self.log.write(step, "train", {
-                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "samples_per_s": rate,
-                "epoch": step * self.batch_size / self.samples_per_epoch, "nonfinite_steps": counters["nonfinite_steps"],
-                **{k: float(v) for k, v in result.metrics.items()}})
+                "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm, "samples_per_s": rate, **epoch,
+                "nonfinite_steps": counters["nonfinite_steps"], **{k: float(v) for k, v in result.metrics.items()}})
+            data = {}
             if counters["bad_images"]:
-                self.log.write(step, "data", {"bad_images": counters["bad_images"], "images_seen": counters["images"]})
+                data.update(bad_images=counters["bad_images"], images_seen=counters["images"])
+            if counters.get("bad_shards") or counters.get("bad_samples"):  # streamed shards (data/streaming.py)
+                data.update(bad_shards=counters["bad_shards"], shards_read=counters["shards"],
+                            bad_samples=counters["bad_samples"], samples_read=counters["samples"])
+            if data:
+                self.log.write(step, "data", data)
             self.bar.set_postfix(loss=f"{result.loss:.3f}", samples_s=f"{rate:.0f}")
             self.since, self.samples = time.perf_counter(), 0
         self.bar.update(1)

@@ -2,9 +2,9 @@
 
 Build, resume, iterate steps (`step.train_step`), save, evaluate, stop. Nothing here knows a method: the
 recipe's objectives are plug-ins of the Pretrainer. Crash safety: a checkpoint holds everything the next
-step depends on (resume.RunState), and batches and views depend only on (seed, step, rank), so a run
-resumed from step k ends bit-equal to one that never stopped. SIGTERM/SIGINT save the last finished step
-and stop.
+step depends on (resume.RunState): views and batches of data in memory depend only on (seed, step, rank),
+streamed shards save their position, so a run resumed from step k ends bit-equal to one that never stopped.
+SIGTERM/SIGINT save the last finished step and stop.
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from tqdm import tqdm
 
 from vlpt import config as config_lib
 from vlpt.config import Config, ConfigError
-from vlpt.data.loader import StepBatches, batch_iterator
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
 from vlpt.train import checkpoint, distributed
-from vlpt.train.data import decode_training_data, make_tokenizer, open_training_data, tokenize
+from vlpt.train.data import make_tokenizer, training_source
 from vlpt.train.evaluation import EvalPlan
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
 from vlpt.train.logging import MetricsLog, StepLog
@@ -35,7 +34,8 @@ from vlpt.train.step import StepParts, autocast_dtype, to_device, train_step
 from vlpt.train.towers import check_sources
 
 
-def total_steps(cfg: Config, num_captions: int) -> int:
+def total_steps(cfg: Config, num_captions: int | None) -> int:
+    """The run's steps from its budget; train.epochs needs the size of the data (`num_captions`)."""
     tr = cfg.train
     if tr.steps is not None:
         return tr.steps
@@ -88,24 +88,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.train.seed)  # the same init on every rank
-    data, weights = open_training_data(cfg)  # a bad spec or a batch larger than the data fails in seconds
-    data, images, weights, bad = decode_training_data(cfg, data, weights, progress and main)
+    source = training_source(cfg, world, progress and main)  # a bad spec or unusable data fails in seconds
     if main:  # the run folder is written once the data is known to be usable
         _prepare_run_dir(cfg, run_dir, last)
     distributed.barrier()
 
-    tokenizer = make_tokenizer(cfg, data.captions, run_dir)
-    tokens, cut = tokenize(tokenizer, data.captions)
+    tokenizer = make_tokenizer(cfg, source.captions, run_dir)
     module = build(cfg, tokenizer.vocab, init=last is None)
     module.to(device)
     optimizer = build_optimizer(module, cfg.train)
-    steps = total_steps(cfg, len(data))
+    steps = total_steps(cfg, source.size)
     scheduler = warmup_cosine(optimizer, min(cfg.train.warmup_steps, max(steps - 1, 0)), steps, cfg.train.lr,
                               cfg.train.min_lr)
     amp = autocast_dtype(cfg.train.precision, device)
     scaler = torch.amp.GradScaler(device.type) if amp == torch.float16 else None
     counters = {"nonfinite_steps": 0, "bad_images": 0, "images": 0}  # this rank's run totals, kept across resumes
-    state = RunState(cfg, run_dir / "checkpoints", tokenizer, module, optimizer, scheduler, scaler, counters, last)
+    batches = source.batches(tokenizer, text_views, rank, world, counters, pin_memory=device.type == "cuda")
+    state = RunState(cfg, run_dir / "checkpoints", tokenizer, module, optimizer, scheduler, scaler, counters, batches,
+                     last)
     start = state.restore(last) if last is not None else 0
 
     ddp = None
@@ -114,26 +114,22 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         ddp = DistributedDataParallel(module)
     run = torch.compile(ddp or module) if cfg.train.compile else None
     parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip)
-    batches = StepBatches(data, tokens, cfg.train.batch_size, cfg.train.seed, cfg.model.vision.image_size,
-                          images=images, weights=weights, rank=rank, world=world,
-                          text_views=text_views, tokenizer=tokenizer)
     image_views = ImageViews(cfg.views, cfg.train.seed, rank)
     if main:
         trim_metrics(run_dir / "metrics.jsonl", start)
     log = MetricsLog(run_dir, enabled=main)
-    log.write(start, "data", {"images": data.num_images, "captions": len(data), "bad_images": len(bad),
-                              "long_captions": int(cut.sum()), **{k: len(i.names) for k, i in data.issues.items()}})
+    log.write(start, "data", source.summary())
     bad_images = BadImageBudget(counters, cfg.data.max_bad_fraction)
     streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps, log)
     bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfg.recipe}", unit="step",
                dynamic_ncols=True)
-    step_log = StepLog(log, bar, cfg.train.log_every, steps, len(data), cfg.train.batch_size)
+    step_log = StepLog(log, bar, cfg.train.log_every, steps, source.size, cfg.train.batch_size)
     eval_model = Model(module.model, tokenizer, device, module.objectives)
     averaged = Model(module.ema.module, tokenizer, device, module.objectives) if module.ema is not None else None  # train.ema
     module.train()
     try:
         with StopSignals() as signals:
-            it = batch_iterator(batches, start, steps, cfg.data.num_workers)
+            it = batches.iterate(start, steps)
             for step in range(start, steps):
                 done = step + 1
                 batch = next(it)

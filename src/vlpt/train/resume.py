@@ -1,8 +1,9 @@
 """Everything a run continues from: the checkpoint to resume, and what a checkpoint holds beside the weights
-(optimizer, schedule, GradScaler, every RNG stream and the run counters of every rank, the step).
+(optimizer, schedule, GradScaler, every RNG stream, the run counters and the data position of every rank,
+the step).
 
-Batches and views are pure functions of (seed, step, rank), so with these a run resumed from step k ends
-bit-equal to one that never stopped.
+Views, and batches of data in memory, are pure functions of (seed, step, rank); streamed shards give their
+position (`state_dict`). With these a run resumed from step k ends bit-equal to one that never stopped.
 """
 from __future__ import annotations
 
@@ -87,18 +88,19 @@ class RunState:
     """Saves and restores a run: the module's weights (with config and tokenizer as metadata) and state.pt."""
 
     def __init__(self, cfg: Config, ckpt_dir: Path, tokenizer: TextTokenizer, module, optimizer, scheduler,
-                 scaler, counters: dict, newest: Path | None):
+                 scaler, counters: dict, data, newest: Path | None):
         self.cfg, self.ckpt_dir, self.tokenizer = cfg, ckpt_dir, tokenizer
         self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
         self.counters = counters  # this rank's run totals, kept across resumes
+        self.data = data  # this rank's batches: state_dict() / load_state_dict() of its position
         self.newest = newest  # the newest whole checkpoint of the run
 
     def path(self, step: int) -> Path:
         return self.ckpt_dir / f"{checkpoint.PREFIX}{step:08d}"
 
     def save(self, step: int) -> None:
-        """Every rank calls it: rank 0 writes the RNG streams and counters of all ranks."""
-        mine = (rng_state(), dict(self.counters))
+        """Every rank calls it: rank 0 writes the RNG streams, counters and data positions of all ranks."""
+        mine = (rng_state(), dict(self.counters), self.data.state_dict())
         ranks = [mine]
         if distributed.is_distributed():
             ranks = [None] * distributed.world_size()
@@ -108,14 +110,15 @@ class RunState:
                     "step": str(step)}
             state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                     "rng": [r for r, _ in ranks], "counters": [c for _, c in ranks], "step": step}
+                     "rng": [r for r, _, _ in ranks], "counters": [c for _, c, _ in ranks],
+                     "data": [d for _, _, d in ranks], "step": step}
             checkpoint.save(self.ckpt_dir, step, self.module.state_dict(), meta, state, self.cfg.checkpoint.keep)
         self.newest = self.path(step)
         distributed.barrier()
 
     def restore(self, ckpt: Path) -> int:
         """Load `ckpt` into the run; the step it was saved at. On another number of processes each rank
-        takes the streams of rank (its rank mod the saved count)."""
+        takes the streams and data position of rank (its rank mod the saved count)."""
         weights, _ = checkpoint.load_weights(ckpt)
         self.module.load_state_dict(weights)
         state = checkpoint.load_state(ckpt)
@@ -126,4 +129,5 @@ class RunState:
         saved_world, rank = len(state["rng"]), distributed.rank()
         set_rng_state(state["rng"][rank % saved_world])
         self.counters.update(state.get("counters", [{}] * saved_world)[rank % saved_world])
+        self.data.load_state_dict(state.get("data", [{}] * saved_world)[rank % saved_world])
         return state["step"]
