@@ -8,6 +8,7 @@ import torch
 
 from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
+from vlpt.models import minilm
 from vlpt.train import distributed
 
 
@@ -76,7 +77,8 @@ def make_tokenizer(cfg: Config, captions: list[str], run_dir: Path) -> TextToken
     """The run's tokenizer.json (a resumed run reuses it), made by the main process; every rank waits for it
     (deciding by the file's existence on each rank would let a late rank skip the barrier).
 
-    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, one trained on `captions`.
+    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, MiniLM's (a
+    model.text.kind=minilm tower), one trained on `captions`.
     """
     path = run_dir / "tokenizer.json"
     ctx = cfg.model.text.context_length
@@ -86,6 +88,8 @@ def make_tokenizer(cfg: Config, captions: list[str], run_dir: Path) -> TextToken
             tok = TextTokenizer.from_file(cfg.tokenizer.path, ctx)
         elif inherited is not None:
             tok = TextTokenizer.from_str(inherited, ctx)
+        elif cfg.model.text.kind == "minilm":
+            tok = TextTokenizer.from_file(minilm.tokenizer_file(), ctx)
         else:
             tok = TextTokenizer.train(captions, cfg.tokenizer.vocab_size, ctx)
         tmp = path.with_suffix(".tmp")
