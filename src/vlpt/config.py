@@ -496,7 +496,7 @@ def validate(cfg: Config) -> None:
     if v.pool not in ("cls", "gap", "max", "map"):
         raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
     if t.kind not in TEXT_KINDS:
-        raise ConfigError(f"model.text.kind={t.kind!r}: choose {', '.join(TEXT_KINDS)}")
+        raise ConfigError(f"model.text.kind={t.kind!r}: choose {', '.join(TEXT_KINDS[:-1])} or {TEXT_KINDS[-1]}")
     if t.kind == "minilm":
         wrong = [k for k, value in MINILM_SHAPE.items() if getattr(t, k) != value]
         if wrong:
