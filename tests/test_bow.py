@@ -85,7 +85,7 @@ def test_bag_text_tower_is_order_free_and_ignores_padding():
 
 
 def test_bag_text_tower_config_errors():
-    with pytest.raises(ConfigError, match="model.text.kind='bags': choose transformer or bag"):
+    with pytest.raises(ConfigError, match="model.text.kind='bags': choose transformer, bag or minilm"):
         config.resolve("clip", ["model.text.kind=bags"])
     with pytest.raises(ConfigError, match="model.text.kind=bag shapes the text tower, which this recipe does not"):
         config.resolve("cap", ["model.text.kind=bag"])

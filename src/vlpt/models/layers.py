@@ -32,22 +32,28 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN: x + attn(LN(x)); x + mlp(LN(x))."""
+    """Pre-LN: x + attn(LN(x)); x + mlp(LN(x)). Post-LN (BERT's, for pretrained BERT-style towers):
+    LN(x + attn(x)); LN(x + mlp(x))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, heads: int, mlp_ratio: float, post_ln: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.ln1, self.attn = nn.LayerNorm(width), Attention(width, heads)
-        self.ln2, self.mlp = nn.LayerNorm(width), MLP(width, mlp_ratio)
+        self.post_ln = post_ln
+        self.ln1, self.attn = nn.LayerNorm(width, eps=eps), Attention(width, heads)
+        self.ln2, self.mlp = nn.LayerNorm(width, eps=eps), MLP(width, mlp_ratio)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        if self.post_ln:
+            x = self.ln1(x + self.attn(x, mask, causal))
+            return self.ln2(x + self.mlp(x))
         x = x + self.attn(self.ln1(x), mask, causal)
         return x + self.mlp(self.ln2(x))
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float):
+    def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float, post_ln: bool = False,
+                 eps: float = 1e-5):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, post_ln, eps) for _ in range(depth))
         self.grad_checkpointing = False
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False,

@@ -1,4 +1,5 @@
-"""Text towers: CLIP's causal transformer (features at the <eot> token), or an order-free bag of words."""
+"""Text towers: CLIP's causal transformer (features at the <eot> token), an order-free bag of words, or the
+pretrained MiniLM (vlpt.models.minilm)."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from vlpt.config import TextConfig
 from vlpt.data.tokenizer import Vocab
 from vlpt.models.layers import Transformer
+from vlpt.models.minilm import MiniLM
 
 
 class TextTransformer(nn.Module):
@@ -57,4 +59,8 @@ class TextBag(nn.Module):
 
 def text_tower(cfg: TextConfig, vocab: Vocab) -> nn.Module:
     """The text tower `model.text.kind` names."""
-    return TextBag(cfg, vocab.size, vocab.pad) if cfg.kind == "bag" else TextTransformer(cfg, vocab.size, vocab.eot)
+    if cfg.kind == "bag":
+        return TextBag(cfg, vocab.size, vocab.pad)
+    if cfg.kind == "minilm":
+        return MiniLM(cfg, vocab.size, vocab.pad)
+    return TextTransformer(cfg, vocab.size, vocab.eot)

@@ -11,6 +11,7 @@ import torch
 from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
 from vlpt.data.views import TextViews
+from vlpt.models import minilm
 from vlpt.train import distributed
 
 
@@ -171,8 +172,9 @@ def make_tokenizer(cfg: Config, captions: Sequence[str] | Callable[[], Sequence[
     """The run's tokenizer.json (a resumed run reuses it), made by the main process; every rank waits for it
     (deciding by the file's existence on each rank would let a late rank skip the barrier).
 
-    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, one trained on `captions`
-    (a function giving them when reading them costs: only called when a tokenizer is trained).
+    In order: tokenizer.path, the tokenizer of an inherited text tower or decoder, MiniLM's (a
+    model.text.kind=minilm tower), one trained on `captions` (a function giving them when reading them
+    costs: only called when a tokenizer is trained).
     """
     path = run_dir / "tokenizer.json"
     ctx = cfg.model.text.context_length
@@ -182,6 +184,8 @@ def make_tokenizer(cfg: Config, captions: Sequence[str] | Callable[[], Sequence[
             tok = TextTokenizer.from_file(cfg.tokenizer.path, ctx)
         elif inherited is not None:
             tok = TextTokenizer.from_str(inherited, ctx)
+        elif cfg.model.text.kind == "minilm":
+            tok = TextTokenizer.from_file(minilm.tokenizer_file(), ctx)
         else:
             tok = TextTokenizer.train(captions() if callable(captions) else captions, cfg.tokenizer.vocab_size, ctx)
         tmp = path.with_suffix(".tmp")

@@ -82,7 +82,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
     evaluation = EvalPlan(cfg, abilities(cfg))  # a typo or a missing file fails in seconds
     if last is None:
-        check_sources(cfg.model.init)
+        check_sources(cfg.model)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if cfg.train.deterministic:

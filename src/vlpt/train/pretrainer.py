@@ -71,7 +71,7 @@ def build(cfg: Config, vocab: Vocab, init: bool = False) -> Pretrainer:
     """
     model = ImageTextModel(cfg.model, vocab, model_needs(cfg), cfg.views.text_views.dropout)
     if init:
-        init_towers(model, cfg.model.init)
+        init_towers(model, cfg.model)
     lock_towers(model, cfg.model.lock)
     objectives = {name: objective_class(name)(o.options, cfg.model, vocab) for name, o in cfg.objectives.items()}
     return Pretrainer(model, objectives, {name: o.weight for name, o in cfg.objectives.items()}, cfg.train.ema,

@@ -1,7 +1,8 @@
 """Towers that start from given weights (`model.init.<tower>`) or stay locked (`model.lock`, LiT).
 
 A tower's weights come from a vlpt run folder, checkpoint folder or model.safetensors (the tensors under
-`model.<module>.`), or from any safetensors file holding them with or without the `model.` prefix. Every
+`model.<module>.`), or from any safetensors file holding them with or without the `model.` prefix; a
+`model.text.kind=minilm` text tower without model.init.text starts from the package's weights. Every
 tensor of the tower must be there with its shape: a missing, unexpected or mis-shaped tensor is an error
 naming it. The tower's projection into the shared space (image_proj, text_proj) is not part of it: it
 starts fresh and trains, so a locked encoder of any width can be read by a contrastive loss.
@@ -14,7 +15,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from vlpt.config import TOWERS, ConfigError, TowerInitConfig
+from vlpt.config import TOWERS, ConfigError, ModelConfig
+from vlpt.models import minilm
 from vlpt.models.outputs import TOWER_MODULES as MODULES
 from vlpt.models.model import ImageTextModel
 from vlpt.train import checkpoint
@@ -52,35 +54,46 @@ def tower_weights(path: str | Path, module: str) -> dict[str, torch.Tensor]:
     raise ConfigError(f"{path} holds no tensors of a {module} tower (no keys model.{module}.* or {module}.*)")
 
 
-def check_sources(init: TowerInitConfig) -> None:
-    """Every model.init source is there and readable (before a run does any work)."""
-    for tower in TOWERS:
-        if getattr(init, tower) is not None:
-            source_metadata(getattr(init, tower))
+def from_package(cfg: ModelConfig, tower: str) -> bool:
+    """A tower that starts from an installed package's weights: a minilm text tower not given model.init.text."""
+    return tower == "text" and cfg.text.kind == "minilm" and cfg.init.text is None
 
 
-def init_towers(model: ImageTextModel, init: TowerInitConfig) -> None:
-    """Copy each tower named in `init` from its weights, checking names and shapes first."""
+def check_sources(cfg: ModelConfig) -> None:
+    """Every model.init source (and package) is there and readable (before a run does any work)."""
     for tower in TOWERS:
-        path = getattr(init, tower)
-        if path is None:
-            continue
-        module = model.tower(tower)
-        key = f"model.init.{tower}"
-        source, own = tower_weights(path, MODULES[tower]), module.state_dict()
-        for name, tensor in own.items():
-            if name not in source:
-                raise ConfigError(f"{key}={path} has no tensor {MODULES[tower]}.{name}; "
-                                  f"its model differs from this recipe's (compare its config)")
-            if source[name].shape != tensor.shape:
-                raise ConfigError(f"{key}={path}: tensor {MODULES[tower]}.{name} has shape "
-                                  f"{list(source[name].shape)}, this model's has {list(tensor.shape)}")
-        extra = sorted(set(source) - set(own))
-        if extra:
-            raise ConfigError(f"{key}={path} has tensors this model's {tower} tower lacks "
-                              f"({MODULES[tower]}.{extra[0]}{' and more' if len(extra) > 1 else ''}); "
+        if getattr(cfg.init, tower) is not None:
+            source_metadata(getattr(cfg.init, tower))
+        elif from_package(cfg, tower):
+            minilm.package_dir()
+
+
+def init_towers(model: ImageTextModel, cfg: ModelConfig) -> None:
+    """Copy each tower named in model.init (or a pretrained kind's) from its weights, checking names and
+    shapes first."""
+    for tower in TOWERS:
+        path = getattr(cfg.init, tower)
+        if path is not None:
+            load_tower(model.tower(tower), tower_weights(path, MODULES[tower]), tower, f"model.init.{tower}={path}")
+        elif from_package(cfg, tower):
+            load_tower(model.tower(tower), minilm.pretrained_state(), tower, f"the package {minilm.PACKAGE}")
+
+
+def load_tower(module, source: dict[str, torch.Tensor], tower: str, where: str) -> None:
+    own = module.state_dict()
+    for name, tensor in own.items():
+        if name not in source:
+            raise ConfigError(f"{where} has no tensor {MODULES[tower]}.{name}; "
                               f"its model differs from this recipe's (compare its config)")
-        module.load_state_dict({k: v.to(own[k].dtype) for k, v in source.items()})
+        if source[name].shape != tensor.shape:
+            raise ConfigError(f"{where}: tensor {MODULES[tower]}.{name} has shape "
+                              f"{list(source[name].shape)}, this model's has {list(tensor.shape)}")
+    extra = sorted(set(source) - set(own))
+    if extra:
+        raise ConfigError(f"{where} has tensors this model's {tower} tower lacks "
+                          f"({MODULES[tower]}.{extra[0]}{' and more' if len(extra) > 1 else ''}); "
+                          f"its model differs from this recipe's (compare its config)")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in source.items()})
 
 
 def lock_towers(model: ImageTextModel, lock: list[str]) -> None:
