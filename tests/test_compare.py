@@ -164,3 +164,37 @@ def test_html_report_opens_in_headless_chromium_with_every_image(compared):
     assert images and all(done and width > 0 for done, width, _ in images), images
     assert len(images) == len(list((out / "plots").glob("*.png")))
     assert errors == []
+
+
+def _fake_run(folder: Path, recipe: str, samples: int, seed: int, top1: float) -> Path:
+    """A finished run folder as `vlpt train` leaves it, with made-up results (no training)."""
+    from vlpt import config
+
+    cfg = config.resolve(recipe, ["model=micro", f"train.samples={samples}", f"train.seed={seed}",
+                                  "train.batch_size=16", "eval.tasks=[zeroshot:scenes:shape]"])
+    run = folder / f"{recipe}-{samples}-seed{seed}"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.dump(cfg))
+    metric = {"zeroshot:scenes:shape/top1": top1}
+    (run / "results.json").write_text(json.dumps(metric))
+    steps = samples // 16
+    (run / "metrics.jsonl").write_text(json.dumps({"step": steps, "kind": "train", "loss": 1.0}) + "\n" +
+                                       json.dumps({"step": steps, "kind": "eval", **metric}) + "\n")
+    return run
+
+
+def test_report_of_a_scaling_study_states_where_the_curves_cross(tmp_path):
+    # errors 100 C^-0.5 (steep) and 10 C^-0.25 (flat) cross at C = 10^4; seeds differ by +-0.1%
+    folder = tmp_path / "runs"
+    for c in (1000, 4000, 16000, 64000):
+        for seed, wiggle in ((0, 0.999), (1, 1.001)):
+            _fake_run(folder, "clip", c, seed, 100 - 100 * c ** -0.5 * wiggle)
+            _fake_run(folder, "siglip", c, seed, 100 - 10 * c ** -0.25 * wiggle)
+    assert cli_main(["report", str(folder.parent), "--out", str(tmp_path / "rep"), "--bootstrap", "50"]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    scaling_part = text[text.index("## Scaling"):]
+    assert "clip (loglog): a = " in scaling_part and "siglip (loglog)" in scaling_part
+    found = re.search(r"clip and siglip cross at about ([\d,]+) samples", scaling_part)
+    assert found and float(found.group(1).replace(",", "")) == pytest.approx(1e4, rel=0.05)
+    assert (tmp_path / "rep" / "plots" / "scaling-zeroshot-scenes-shape-top1.png").exists()
+    assert "### 64,000 samples seen" in text  # one table per budget

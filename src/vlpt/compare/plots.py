@@ -39,8 +39,9 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def curves(groups, metrics: list[str], path: Path, title: str) -> Path:
-    """Each metric against samples seen, one line per recipe (mean over seeds, band: min to max)."""
+def curves(groups, metrics: list[str], path: Path, title: str, odds: dict[str, float] | None = None) -> Path:
+    """Each metric against samples seen, one line per recipe (mean over seeds, band: min to max), chance
+    (`odds`, by metric name) as a dashed line."""
     fig, axes = _grid(len(metrics))
     for ax, metric in zip(axes, metrics):
         for g in groups:
@@ -49,7 +50,10 @@ def curves(groups, metrics: list[str], path: Path, title: str) -> Path:
                 line, = ax.plot(xs, mean, marker="o", ms=3, label=g.label)
                 if len(g.runs) > 1:
                     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
-        ax.set_title(metric.rsplit("/", 1)[-1], fontsize=9)
+        name = metric.rsplit("/", 1)[-1]
+        if odds and name in odds:
+            ax.axhline(odds[name], color="grey", linestyle="dashed", label="chance")
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("samples seen", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)

@@ -82,7 +82,8 @@ def build(run_dirs: list[Path], out: Path, n_boot: int = 200, title: str = "vlpt
         p = plots.curves(rows, ["train/loss"], out / "plots" / f"loss-{tag}.png", f"training loss, {budget:,} samples")
         lines += [f"![training loss, {budget:,} samples](plots/{p.name})", ""]
         for task, metrics in metrics_by_task(rows).items():
-            p = plots.curves(rows, metrics, out / "plots" / f"curves-{tag}-{_slug(task)}.png", f"{task} during training")
+            p = plots.curves(rows, metrics, out / "plots" / f"curves-{tag}-{_slug(task)}.png", f"{task} during training",
+                             chance(task))
             b = plots.bars(rows, metrics, chance(task), out / "plots" / f"bars-{tag}-{_slug(task)}.png", f"{task}, final")
             lines += [f"![{task} during training](plots/{p.name})", f"![{task}, final](plots/{b.name})", ""]
     if len({g.samples for g in groups}) > 1:

@@ -28,7 +28,14 @@ class RunRecord:
 
     @property
     def samples(self) -> int:
-        return self.cfg.train.samples if self.cfg.train.samples is not None else -1
+        """The budget in samples seen: train.samples, or what the run's steps (or, for epochs, its last
+        logged step) amount to."""
+        tr = self.cfg.train
+        if tr.samples is not None:
+            return tr.samples
+        if tr.steps is not None:
+            return tr.steps * tr.batch_size
+        return max((x for points in self.curves.values() for x, _ in points), default=0)
 
 
 def load_run(path: Path) -> RunRecord:
