@@ -17,6 +17,7 @@ from vlpt.errors import UsageError
 
 SMALL = ["model=micro", "train.batch_size=16", "train.warmup_steps=0", "train.threads=1", "train.log_every=1",
          "data.cache_images=false", "eval.templates=simple"]
+TASKS = "eval.tasks=[zeroshot:scenes:shape,zeroshot_captioner:scenes:shape]"  # clip runs one, cap the other
 
 
 def test_plan_gives_every_recipe_one_budget_seeds_and_the_union_suite():
@@ -89,8 +90,8 @@ def _results_section(report: Path) -> str:
 def compared(tmp_path_factory):
     """clip alone first (as if the compare had been stopped after it), then clip and cap: 2 seeds each."""
     out = tmp_path_factory.mktemp("cmp") / "cmp"
-    args = ["--budget", "32", "--seeds", "2", "--points", "2", "--out", str(out), "--quiet",
-            "eval.tasks=[zeroshot:scenes:shape,zeroshot_captioner:scenes:shape]"] + SMALL
+    args = ["--budget", "32", "--seeds", "2", "--points", "2", "--out", str(out), "--quiet", TASKS,
+            "checkpoint.every_steps=1"] + SMALL
     assert cli_main(["compare", "clip"] + args) == 0
     before = {name: _checkpoints(out / "runs" / name) for name in ("clip-seed0", "clip-seed1")}
     assert cli_main(["compare", "clip", "cap"] + args) == 0
@@ -122,17 +123,35 @@ def test_compare_writes_table_plots_and_html_without_retraining(compared):
 
 
 def test_interrupted_compare_resumes_and_report_rebuilds_the_same_table(compared, tmp_path):
+    from vlpt.train import checkpoint, loop
+
     out, args, _ = compared
     run = out / "runs" / "cap-seed1"
-    (run / "results.json").unlink()  # as if stopped during its final evaluation
-    files = _checkpoints(run)
+    expected = json.loads((run / "results.json").read_text())
+    shutil.rmtree(run)  # as if the compare had been stopped after step 1 of 2 of this run
+    planned = {r.name: r for r in runs.plan(["clip", "cap"], SMALL + [TASKS, "checkpoint.every_steps=1"], 32, 2,
+                                             [1.0], 2)}
+    loop.train(planned["cap-seed1"].cfg, run, stop_at=1, progress=False)
+    assert not (run / "results.json").exists() and checkpoint.latest(run / "checkpoints") is not None
     assert cli_main(["compare", "clip", "cap"] + args) == 0
-    assert (run / "results.json").exists() and _checkpoints(run) == files  # resumed, not retrained
+    assert len((run / "command.txt").read_text().splitlines()) == 2  # continued (a resume adds its command)
+    assert json.loads((run / "results.json").read_text()) == expected  # resumed at step 1: the same model
     assert cli_main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert _results_section(tmp_path / "rep" / "report.md") == _results_section(out / "report.md")
     runs_given = [str(p) for p in sorted((out / "runs").iterdir(), reverse=True)]  # any order
     assert cli_main(["report", *runs_given, "--out", str(tmp_path / "rep2")]) == 0
     assert (tmp_path / "rep2" / "summary.json").read_text() == (out / "summary.json").read_text()
+
+
+def test_compare_and_report_mistakes_are_one_line_errors(tmp_path, capsys):
+    assert cli_main(["compare", "clip", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["compare", "clip", "--flops", "1e12", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["compare", "clip", "--budget", "32", "--budgets", "1,two", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
+    assert "--budget SAMPLES" in err[0] and "not implemented" in err[1] and "neither a run folder" in err[3]
+    assert not (tmp_path / "x").exists()  # nothing written
 
 
 def _chromium():

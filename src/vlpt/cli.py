@@ -170,6 +170,7 @@ REPORT_EXAMPLES = """examples:
 
 def _compare(args) -> int:
     from vlpt.compare import report, runs
+    from vlpt.train.signals import Interrupted
 
     if args.flops is not None:
         raise UsageError("--flops is not implemented yet; give the budget in samples seen with --budget SAMPLES")
@@ -180,10 +181,19 @@ def _compare(args) -> int:
     try:
         multiples = [float(m) for m in args.budgets.split(",")] if args.budgets else [1.0]
     except ValueError:
-        raise UsageError(f"--budgets {args.budgets}: give multiples of --budget separated by commas, e.g. 1,2,4") from None
+        raise UsageError(f"--budgets {args.budgets}: give multiples of --budget separated by commas, "
+                         f"e.g. 1,2,4") from None
     out = Path(args.out)
     planned = runs.plan(recipes, overrides, args.budget, args.seeds, multiples, args.points)
-    failed = runs.train_all(planned, out / "runs", progress=not args.quiet)
+    try:
+        failed = runs.train_all(planned, out / "runs", progress=not args.quiet)
+    except Interrupted as stop:  # the run in progress saved its last step; finished runs stay finished
+        print(f"vlpt: {stop}; run the same `vlpt compare` command to resume", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        from vlpt.train.distributed import teardown
+
+        teardown()
     done = [out / "runs" / r.name for r in planned if r.name not in failed]
     if done:
         page = report.build(done, out, n_boot=args.bootstrap)

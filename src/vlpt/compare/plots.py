@@ -47,7 +47,7 @@ def curves(groups, metrics: list[str], path: Path, title: str, odds: dict[str, f
         for g in groups:
             xs, mean, lo, hi = _seed_band(g.runs, metric)
             if xs:
-                line, = ax.plot(xs, mean, marker="o", ms=3, label=g.label)
+                line, = ax.plot(xs, mean, marker="o", ms=3, label=g.recipe)
                 if len(g.runs) > 1:
                     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
         name = metric.rsplit("/", 1)[-1]
@@ -70,12 +70,14 @@ def bars(groups, metrics: list[str], odds: dict[str, float], path: Path, title: 
         xs = [i + (j - (len(groups) - 1) / 2) * width for i, s in enumerate(stats) if s is not None]
         present = [s for s in stats if s is not None]
         if present:
-            ax.bar(xs, [s.mean for s in present], width, yerr=[s.std for s in present], capsize=3, label=g.label)
+            ax.bar(xs, [s.mean for s in present], width, yerr=[s.std for s in present], capsize=3, label=g.recipe)
+    labelled = False
     for i, m in enumerate(metrics):
         name = m.rsplit("/", 1)[-1]
         if name in odds:
             ax.hlines(odds[name], i - 0.45, i + 0.45, colors="grey", linestyles="dashed",
-                      label="chance" if i == min(k for k, n in enumerate(metrics) if n.rsplit("/", 1)[-1] in odds) else None)
+                      label=None if labelled else "chance")
+            labelled = True
     ax.set_xticks(range(len(metrics)), [m.rsplit("/", 1)[-1] for m in metrics], fontsize=8)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)

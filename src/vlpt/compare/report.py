@@ -39,8 +39,8 @@ def scaling_section(groups: list[Group], out: Path, n_boot: int) -> list[str]:
     recipes = list(dict.fromkeys(g.recipe for g in groups))
     metrics = [m for ms in metrics_by_task(groups).values() for m in ms]
     lines = ["## Scaling", "", f"Error (100 - score, or the loss) against samples seen; fits of E = a (C + b)^-c + d "
-             f"with {scaling.MIN_SATURATING}+ budgets, else a line in log-log space (E = a C^-c) through the per-budget "
-             f"best; [2.5%, 97.5%] from {n_boot} bootstrap fits.", ""]
+             f"with {scaling.MIN_SATURATING}+ budgets, else a line in log-log space (E = a C^-c) through the "
+             f"per-budget best; [2.5%, 97.5%] from {n_boot} bootstrap fits.", ""]
     for metric in metrics:
         points, fits = {}, {}
         for recipe in recipes:
@@ -78,13 +78,13 @@ def build(run_dirs: list[Path], out: Path, n_boot: int = 200, title: str = "vlpt
     lines += ["## Training curves", ""]
     for budget in sorted({g.samples for g in groups}):
         rows = [g for g in groups if g.samples == budget]
-        tag = f"{budget}"
-        p = plots.curves(rows, ["train/loss"], out / "plots" / f"loss-{tag}.png", f"training loss, {budget:,} samples")
+        tag, plot = f"{budget}", out / "plots"
+        p = plots.curves(rows, ["train/loss"], plot / f"loss-{tag}.png", f"training loss, {budget:,} samples")
         lines += [f"![training loss, {budget:,} samples](plots/{p.name})", ""]
         for task, metrics in metrics_by_task(rows).items():
-            p = plots.curves(rows, metrics, out / "plots" / f"curves-{tag}-{_slug(task)}.png", f"{task} during training",
+            p = plots.curves(rows, metrics, plot / f"curves-{tag}-{_slug(task)}.png", f"{task} during training",
                              chance(task))
-            b = plots.bars(rows, metrics, chance(task), out / "plots" / f"bars-{tag}-{_slug(task)}.png", f"{task}, final")
+            b = plots.bars(rows, metrics, chance(task), plot / f"bars-{tag}-{_slug(task)}.png", f"{task}, final")
             lines += [f"![{task} during training](plots/{p.name})", f"![{task}, final](plots/{b.name})", ""]
     if len({g.samples for g in groups}) > 1:
         lines += scaling_section(groups, out, n_boot)

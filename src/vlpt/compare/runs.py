@@ -91,9 +91,9 @@ def plan(recipes: list[str], overrides: list[str], samples: int, seeds: int, mul
                 cfg = config_lib.resolve(recipe, run_top)
                 runs.append(PlannedRun(run_name(cfg.recipe, multiple, seed), cfg, skipped))
     names = [r.name for r in runs]
-    if len(set(names)) != len(names):
-        raise UsageError(f"two recipes of this compare share a name ({', '.join(sorted({n for n in names if names.count(n) > 1}))}); "
-                         f"give each recipe once")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise UsageError(f"two recipes of this compare share a name ({', '.join(twice)}); give each recipe once")
     return runs
 
 

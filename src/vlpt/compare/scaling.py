@@ -138,4 +138,5 @@ def describe(name_a: str, name_b: str, cross: Crossing, lo: float, hi: float) ->
         return (f"{name_a} and {name_b} do not cross {span} "
                 f"({100 * (1 - cross.share):.0f}% of bootstrap fits agree)")
     where = f" (95% interval {cross.interval[0]:,.0f}-{cross.interval[1]:,.0f})" if cross.interval else ""
-    return f"{name_a} and {name_b} cross at about {cross.at:,.0f} samples{where}; {100 * cross.share:.0f}% of bootstrap fits cross {span}"
+    return (f"{name_a} and {name_b} cross at about {cross.at:,.0f} samples{where}; "
+            f"{100 * cross.share:.0f}% of bootstrap fits cross {span}")

@@ -91,10 +91,6 @@ class Group:
     samples: int
     runs: list[RunRecord] = field(default_factory=list)
 
-    @property
-    def label(self) -> str:
-        return self.recipe
-
     def stats(self, metric: str) -> Stats | None:
         values = [r.results[metric] for r in self.runs if metric in r.results]
         return summarize(values) if values else None
@@ -160,7 +156,7 @@ def verdicts(groups: list[Group], metric: str) -> list[str]:
             continue
         v = verdict(stats[best], s, lower)
         word = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}[v]
-        out.append(f"{groups[best].label} {word} {groups[i].label}")
+        out.append(f"{groups[best].recipe} {word} {groups[i].recipe}")
     return out
 
 
@@ -193,8 +189,8 @@ def markdown_tables(groups: list[Group]) -> list[str]:
             lines += [f"| {r} | " + " | ".join(c) + " |" for r, c in cells.items()]
             odds = chance(task)
             if odds:
-                lines.append("| *chance* | " + " | ".join(f"*{odds[m.rsplit('/', 1)[-1]]:.2f}*"
-                                                          if m.rsplit("/", 1)[-1] in odds else "" for m in metrics) + " |")
+                plain = [m.rsplit("/", 1)[-1] for m in metrics]
+                lines.append("| *chance* | " + " | ".join(f"*{odds[n]:.2f}*" if n in odds else "" for n in plain) + " |")
             said = [f"{m.rsplit('/', 1)[-1]}: " + ", ".join(verdicts(rows, m)) for m in metrics if verdicts(rows, m)]
             if said:
                 lines += ["", "; ".join(said) + "."]
