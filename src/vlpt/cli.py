@@ -1,4 +1,4 @@
-"""`vlpt train|eval|caption|demo|data|export|import-weights|recipes`: the command line.
+"""`vlpt train|eval|compare|report|caption|demo|data|export|import-weights|recipes`: the command line.
 
 A user's mistake ends in one line, `error: ...`, exit status 2 (command line, config) or 1 (data,
 checkpoint, run); `--debug` or VLPT_DEBUG=1 shows the traceback instead. Anything else is a bug and keeps
@@ -150,6 +150,66 @@ def _eval(args) -> int:
         print(json.dumps(results))
     else:
         print(format_results(results, title=str(ckpt)))
+    return 0
+
+
+COMPARE_EXAMPLES = """examples:
+  vlpt compare clip cap model=micro --budget 2048 --seeds 2 --out runs/cmp   # a table, plots, report.html
+  vlpt compare clip siglip cap coca --budget 100000 --out runs/cmp4          # 3 seeds each (default)
+  vlpt compare clip cap --budget 20000 --budgets 1,2,4,8,16 --out runs/scaling   # scaling fits
+
+Every recipe trains on the same data, model preset, seeds and budget (train.samples = --budget; the recipes'
+own steps/epochs are replaced) and is evaluated with one suite: the union of the recipes' `auto` tasks, or
+eval.tasks=[...] as given; a task a recipe cannot run is a blank cell with the reason. Runs go to
+OUT/runs/RECIPE-seedS; finished runs are not retrained and an interrupted compare resumes where it stopped.
+A difference is called a win only when the seeds' intervals mean +- std do not overlap."""
+
+REPORT_EXAMPLES = """examples:
+  vlpt report runs/cmp --out runs/cmp-report               # rebuild the report of a compare
+  vlpt report runs/clip runs/cap --out report              # any finished runs, any mix of recipes"""
+
+
+def _compare(args) -> int:
+    from vlpt.compare import report, runs
+    from vlpt.train.signals import Interrupted
+
+    if args.flops is not None:
+        raise UsageError("--flops is not implemented yet; give the budget in samples seen with --budget SAMPLES")
+    if args.budget is None:
+        raise UsageError("vlpt compare needs a budget: --budget SAMPLES (samples seen by every recipe)")
+    recipes = [x for x in args.overrides if not OVERRIDE.match(x)]
+    overrides = [x for x in args.overrides if OVERRIDE.match(x)]
+    try:
+        multiples = [float(m) for m in args.budgets.split(",")] if args.budgets else [1.0]
+    except ValueError:
+        raise UsageError(f"--budgets {args.budgets}: give multiples of --budget separated by commas, "
+                         f"e.g. 1,2,4") from None
+    out = Path(args.out)
+    planned = runs.plan(recipes, overrides, args.budget, args.seeds, multiples, args.points)
+    try:
+        failed = runs.train_all(planned, out / "runs", progress=not args.quiet)
+    except Interrupted as stop:  # the run in progress saved its last step; finished runs stay finished
+        print(f"vlpt: {stop}; run the same `vlpt compare` command to resume", file=sys.stderr)
+        return stop.exit_code
+    finally:
+        from vlpt.train.distributed import teardown
+
+        teardown()
+    done = [out / "runs" / r.name for r in planned if r.name not in failed]
+    if done:
+        page = report.build(done, out, n_boot=args.bootstrap)
+        print(f"wrote {out / 'report.md'} and {page}")
+    for name, message in failed.items():
+        print(f"error: {name}: {one_line(message)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _report(args) -> int:
+    from vlpt.compare import report
+    from vlpt.compare.table import find_runs
+
+    page = report.build(find_runs(args.runs), Path(args.out), n_boot=args.bootstrap)
+    print(f"wrote {Path(args.out) / 'report.md'} and {page}")
     return 0
 
 
@@ -341,6 +401,27 @@ def parser() -> Parser:
     e.add_argument("--captions-out", metavar="JSON", help="write the generated captions of captioning tasks here")
     e.add_argument("--ema", action="store_true", help="evaluate the run's average of weights (train.ema) instead")
     e.set_defaults(fn=_eval)
+
+    cm = command("compare", "train several recipes at one budget and report them side by side",
+                 epilog=COMPARE_EXAMPLES)
+    cm.add_argument("overrides", nargs="+", metavar="RECIPE|key=value",
+                    help="recipes (names or YAML paths), then config overrides for all of them, e.g. model=micro")
+    cm.add_argument("--budget", type=int, metavar="SAMPLES", help="samples seen by every recipe (train.samples)")
+    cm.add_argument("--flops", type=float, help="a budget in FLOPs (not implemented yet)")
+    cm.add_argument("--budgets", metavar="M1,M2,...", help="a scaling study: multiples of --budget, e.g. 1,2,4")
+    cm.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3): train.seed, +1, ...")
+    cm.add_argument("--points", type=int, default=4,
+                    help="evaluations during training, evenly spaced (default 4; eval.every_steps=N overrides)")
+    cm.add_argument("--bootstrap", type=int, default=200, help="bootstrap fits for scaling intervals (default 200)")
+    cm.add_argument("--out", required=True, help="the compare folder: OUT/runs/*, OUT/report.md, OUT/report.html")
+    cm.add_argument("--quiet", action="store_true", help="no progress bars")
+    cm.set_defaults(fn=_compare)
+
+    rp = command("report", "rebuild a comparison report from finished runs", epilog=REPORT_EXAMPLES)
+    rp.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or compare folders (their runs/*)")
+    rp.add_argument("--out", required=True, help="report folder: report.md, report.html, plots/, summary.json")
+    rp.add_argument("--bootstrap", type=int, default=200, help="bootstrap fits for scaling intervals (default 200)")
+    rp.set_defaults(fn=_report)
 
     c = command("caption", "print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES)
     c.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")

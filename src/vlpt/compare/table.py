@@ -1,0 +1,206 @@
+"""Runs read back from their folders, grouped per (recipe, budget) over seeds, and the Markdown tables.
+
+Everything here comes from run folders alone (config.yaml, results.json, metrics.jsonl), so `vlpt report`
+on the runs of a compare rebuilds the very table the compare wrote. Rows are sorted by recipe name and
+budget, tasks by their first appearance in that order: the same runs give the same table in any order.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlpt import config as config_lib
+from vlpt.compare.chance import chance
+from vlpt.compare.runs import split_runnable
+from vlpt.compare.stats import TIE, UNTESTED, WIN, Stats, lower_is_better, summarize, verdict
+from vlpt.config import Config
+from vlpt.errors import UsageError
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    cfg: Config
+    results: dict[str, float]  # the final evaluation
+    curves: dict[str, list[tuple[int, float]]]  # metric -> [(samples seen, value)] over training
+    failed: dict[str, str]  # task -> why its evaluation failed (eval_error rows)
+
+    @property
+    def samples(self) -> int:
+        """The budget in samples seen: train.samples, or what the run's steps (or, for epochs, its last
+        logged step) amount to."""
+        tr = self.cfg.train
+        if tr.samples is not None:
+            return tr.samples
+        if tr.steps is not None:
+            return tr.steps * tr.batch_size
+        return max((x for points in self.curves.values() for x, _ in points), default=0)
+
+
+def load_run(path: Path) -> RunRecord:
+    if not (path / "config.yaml").exists():
+        raise UsageError(f"{path} is not a run folder (no config.yaml); give run folders or a compare folder")
+    if not (path / "results.json").exists():
+        raise UsageError(f"{path} is unfinished (no results.json); finish it with `vlpt train "
+                         f"{config_lib.read_yaml(path / 'config.yaml').get('recipe')} --out {path} --resume`")
+    cfg = config_lib.from_dict(config_lib.read_yaml(path / "config.yaml"))
+    curves: dict[str, list[tuple[int, float]]] = {}
+    failed: dict[str, str] = {}
+    batch = cfg.train.batch_size
+    metrics = path / "metrics.jsonl"
+    for line in metrics.read_text().splitlines() if metrics.exists() else []:
+        row = json.loads(line)
+        seen = row["step"] * batch
+        if row["kind"] == "train" and "loss" in row:
+            curves.setdefault("train/loss", []).append((seen, row["loss"]))
+        elif row["kind"] == "eval":
+            for k, v in row.items():
+                if k not in ("step", "kind"):
+                    curves.setdefault(k, []).append((seen, v))
+        elif row["kind"] == "eval_error":
+            failed[row["task"]] = row["message"]
+    return RunRecord(path, cfg, json.loads((path / "results.json").read_text()), curves, failed)
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Run folders: each path given, or the runs/* of a compare folder."""
+    found = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").exists():
+            found.append(p)
+        elif (p / "runs").is_dir():
+            found += sorted(q for q in (p / "runs").iterdir() if (q / "config.yaml").exists())
+        else:
+            raise UsageError(f"{p} is neither a run folder (config.yaml) nor a compare folder (runs/); "
+                             f"give `vlpt report` run folders or the --out of a compare")
+    if not found:
+        raise UsageError(f"no run folders in {', '.join(map(str, paths))}")
+    return list(dict.fromkeys(found))
+
+
+def task_of(metric: str) -> str:
+    return metric.rsplit("/", 1)[0]
+
+
+@dataclass
+class Group:
+    """The seeds of one recipe at one budget."""
+
+    recipe: str
+    samples: int
+    runs: list[RunRecord] = field(default_factory=list)
+
+    def stats(self, metric: str) -> Stats | None:
+        values = [r.results[metric] for r in self.runs if metric in r.results]
+        return summarize(values) if values else None
+
+    def why_missing(self, task: str) -> str:
+        for run in self.runs:
+            if task in run.failed:
+                return f"task {task!r} failed: {run.failed[task]}"
+        _, skipped = split_runnable([task], self.runs[0].cfg)
+        return skipped.get(task, f"task {task!r} was not evaluated in these runs")
+
+
+def group_runs(records: list[RunRecord]) -> list[Group]:
+    groups: dict[tuple[str, int], Group] = {}
+    for r in sorted(records, key=lambda r: (r.cfg.recipe, r.samples, r.cfg.train.seed)):
+        groups.setdefault((r.cfg.recipe, r.samples), Group(r.cfg.recipe, r.samples)).runs.append(r)
+    return list(groups.values())
+
+
+def metrics_by_task(groups: list[Group]) -> dict[str, list[str]]:
+    """{task: its metrics}, in first-appearance order (the eval.tasks order of the runs, then results')."""
+    tasks: dict[str, list[str]] = {}
+    for g in groups:
+        for run in g.runs:
+            for t in run.cfg.eval.tasks:
+                tasks.setdefault(t.task, [])
+    for g in groups:
+        for run in g.runs:
+            for metric in run.results:
+                names = tasks.setdefault(task_of(metric), [])
+                if metric not in names:
+                    names.append(metric)
+    return {t: m for t, m in tasks.items() if m}
+
+
+def _cell(s: Stats | None) -> str:
+    if s is None:
+        return ""
+    return f"{s.mean:.2f} ± {s.std:.2f}" if s.n > 1 else f"{s.mean:.2f}"
+
+
+def best_rows(stats: list[Stats | None], lower_better: bool) -> list[int]:
+    """The best row and every row that ties with it (within the seeds' spread): the rows set in bold."""
+    present = [i for i, s in enumerate(stats) if s is not None]
+    if len(present) < 2:  # nothing to compare with
+        return []
+    pick = min if lower_better else max
+    best = pick(present, key=lambda i: stats[i].mean)
+    return [i for i in present if i == best or verdict(stats[best], stats[i], lower_better) == TIE]
+
+
+def verdicts(groups: list[Group], metric: str) -> list[str]:
+    """One sentence per other recipe: the best one wins over it, ties with it, or cannot be told (1 seed)."""
+    lower = lower_is_better(metric)
+    stats = [g.stats(metric) for g in groups]
+    rows = best_rows(stats, lower)
+    if not rows:
+        return []
+    best = min(rows, key=lambda i: stats[i].mean) if lower else max(rows, key=lambda i: stats[i].mean)
+    out = []
+    for i, s in enumerate(stats):
+        if i == best or s is None:
+            continue
+        v = verdict(stats[best], s, lower)
+        word = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}[v]
+        out.append(f"{groups[best].recipe} {word} {groups[i].recipe}")
+    return out
+
+
+def markdown_tables(groups: list[Group]) -> list[str]:
+    """Per budget and per task, a table: one row per recipe, one column per metric, mean ± std over seeds,
+    best (and ties with it) in bold, a chance row; a blank cell has a numbered note with the reason."""
+    lines: list[str] = []
+    budgets = sorted({g.samples for g in groups})
+    tasks = metrics_by_task(groups)
+    for budget in budgets:
+        rows = [g for g in groups if g.samples == budget]
+        seeds = sorted({len(g.runs) for g in rows})
+        lines += [f"### {budget:,} samples seen ({'/'.join(map(str, seeds))} seed(s) per recipe)", ""]
+        notes: list[str] = []
+        for task, metrics in tasks.items():
+            names = [m.rsplit("/", 1)[-1] + (" ↓" if lower_is_better(m) else "") for m in metrics]
+            lines += [f"#### {task}", "", "| recipe | " + " | ".join(names) + " |",
+                      "|---|" + "---:|" * len(metrics)]
+            cells = {g.recipe: [] for g in rows}
+            for m in metrics:
+                stats = [g.stats(m) for g in rows]
+                bold = best_rows(stats, lower_is_better(m))
+                for i, (g, s) in enumerate(zip(rows, stats)):
+                    if s is None:
+                        note = f"{g.recipe}: {g.why_missing(task)}"
+                        notes += [note] if note not in notes else []
+                        cells[g.recipe].append(f"— [{notes.index(note) + 1}]")
+                    else:
+                        cells[g.recipe].append(f"**{_cell(s)}**" if i in bold else _cell(s))
+            lines += [f"| {r} | " + " | ".join(c) + " |" for r, c in cells.items()]
+            odds = chance(task)
+            if odds:
+                plain = [m.rsplit("/", 1)[-1] for m in metrics]
+                lines.append("| *chance* | " + " | ".join(f"*{odds[n]:.2f}*" if n in odds else "" for n in plain) + " |")
+            said = [f"{m.rsplit('/', 1)[-1]}: " + ", ".join(verdicts(rows, m)) for m in metrics if verdicts(rows, m)]
+            if said:
+                lines += ["", "; ".join(said) + "."]
+            lines.append("")
+        lines += [f"[{i}] {n}  " for i, n in enumerate(notes, 1)]  # two spaces: a Markdown line break
+        lines.append("")
+    return lines
+
+
+def summary(groups: list[Group]) -> dict:
+    """The numbers of the tables, as JSON: {recipe@samples: {metric: {mean, std, n}}}."""
+    return {f"{g.recipe}@{g.samples}": {m: vars(s) for m in sorted({k for r in g.runs for k in r.results})
+                                        if (s := g.stats(m)) is not None} for g in groups}
