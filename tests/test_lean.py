@@ -1,13 +1,31 @@
-"""Lean losses: the chunked caption loss equals the dense one without building its logits."""
+"""Exact and lean losses: the chunked caption loss equals the dense one without building its logits, and
+exact gradient accumulation (GradCache) equals the full-batch step.
+
+Run under torchrun with an output path, this file is also the worker of the two-process test.
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from vlpt import config
-from vlpt.data.tokenizer import Vocab
-from vlpt.train.pretrainer import Pretrainer, build
+sys.path.insert(0, str(Path(__file__).parent))
+import dist_grad_worker as worker  # noqa: E402
+
+from vlpt import config  # noqa: E402
+from vlpt.data.tokenizer import Vocab  # noqa: E402
+from vlpt.models.model import ImageTextModel  # noqa: E402
+from vlpt.objectives import OBJECTIVES  # noqa: E402
+from vlpt.train import exact_accum  # noqa: E402
+from vlpt.train.microbatch import split  # noqa: E402
+from vlpt.train.pretrainer import Pretrainer, build  # noqa: E402
+from vlpt.train.step import StepParts, backward  # noqa: E402
 
 PAD, SOT, EOT, MASK = 0, 1, 2, 3
 V, L = 40, 12
@@ -123,3 +141,123 @@ def test_caption_loss_computes_logits_only_for_real_tokens_one_chunk_at_a_time()
 def test_chunk_tokens_must_not_be_negative():
     with pytest.raises(config.ConfigError, match=r"objectives.captioning: chunk_tokens=-1 must be >= 0"):
         config.resolve("coca", ["model=micro", "train.steps=1", "objectives.captioning.chunk_tokens=-1"])
+
+
+# ------------------------------------------------------------------------------------ exact accumulation
+def grads_of(module: torch.nn.Module) -> dict:
+    out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+def test_gradcache_over_four_micro_batches_equals_the_full_batch_step():
+    """CoCa (contrastive + captioning) with CapPa's per-example switches: exact accumulation gives the loss and
+    the gradient of every parameter of one full-batch step; plain accumulation does not (its negatives are
+    per micro-batch)."""
+    module = coca(["objectives.captioning.parallel_prob=0.5"]).train()
+    batch = batch_of([3, 6, 10, 1, 11, 4, 2, 7])
+    torch.manual_seed(5)  # the same parallel switches in both: drawn once, on the whole batch
+    loss, metrics = module(batch)
+    loss.backward()
+    want = grads_of(module)
+    torch.manual_seed(5)
+    got_loss, got_metrics = exact_accum.exact_backward(StepParts(module, None, accum_steps=4), batch)
+    got = grads_of(module)
+    torch.testing.assert_close(got_loss, loss.detach(), atol=1e-6, rtol=1e-6)
+    assert got_metrics.keys() == metrics.keys() and 0 < metrics["captioning/parallel_fraction"] < 1
+    assert got.keys() == want.keys() and len(want) > 100
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    torch.manual_seed(5)
+    plain_loss, _ = backward(StepParts(module, None, accum_steps=4, exact=False), batch)
+    assert abs(plain_loss.item() - loss.item()) > 1e-2
+
+
+def rocket(dropout: float) -> Pretrainer:
+    """Contrastive + CL2L (heads with batch norm, text views through the text tower with dropout)."""
+    torch.manual_seed(0)
+    cfg = config.resolve("clip", ["model=micro", "train.steps=1"]).model
+    objs = {"contrastive": OBJECTIVES["contrastive"]({}, cfg), "cl2l": OBJECTIVES["cl2l"]({"hidden": 16, "dim": 8}, cfg)}
+    needs = frozenset().union(*(o.needs for o in objs.values()))
+    model = ImageTextModel(cfg, Vocab(worker.VOCAB, eot=worker.EOT), needs, text_view_dropout=dropout)
+    return Pretrainer(model, objs, {"contrastive": 1.0, "cl2l": 1.0}).train()
+
+
+def test_gradcache_replays_each_micro_batch_with_its_own_random_state(monkeypatch):
+    """With dropout the reference is the full-batch loss on the outputs of the micro-batches' forward passes,
+    run in order: the recomputation must draw the same masks, and leave the RNG where one pass leaves it."""
+    module, batch = rocket(dropout=0.3), worker.global_batch()
+    torch.manual_seed(7)
+    prepared = module.prepare(batch)
+    parts = [module.model(chunk, module.needs) for chunk in split(prepared, 4)]
+    outputs = {k: torch.cat([p[k] for p in parts], dim=1 if k.endswith("_views") else 0) for k in parts[0]}
+    loss, _ = module.losses(outputs, prepared)
+    loss.backward()
+    want, rng_after = grads_of(module), torch.get_rng_state()
+
+    torch.manual_seed(7)
+    got_loss, _ = exact_accum.exact_backward(StepParts(module, None, accum_steps=4), batch)
+    got = grads_of(module)
+    torch.testing.assert_close(got_loss, loss.detach(), atol=1e-6, rtol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5, msg=name)
+    assert torch.equal(torch.get_rng_state(), rng_after)
+
+    monkeypatch.setattr(exact_accum.RngState, "restore", lambda self: None)  # fresh masks in the recomputation
+    torch.manual_seed(7)
+    exact_accum.exact_backward(StepParts(module, None, accum_steps=4), batch)
+    wrong = grads_of(module)
+    assert not torch.allclose(wrong["model.text.token_embed.weight"], want["model.text.token_embed.weight"], atol=1e-4)
+
+
+def test_exact_accumulation_is_chosen_when_an_objective_couples_examples():
+    def exact(recipe, accum, **kw):
+        cfg = config.resolve(recipe, ["model=micro", "train.steps=1"])
+        return StepParts(build(cfg, Vocab(V, PAD, SOT, EOT, MASK)), None, accum_steps=accum, **kw).exact
+
+    assert exact("coca", 2) and exact("clip", 4)
+    assert not exact("cap", 2)  # per-example losses: plain accumulation is already exact
+    assert not exact("coca", 1) and not exact("coca", 2, exact=False)
+
+
+# ------------------------------------------------------------------------------------ two processes
+def save_rank0_exact_grads(out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from vlpt.train import distributed
+
+    rank, world = distributed.rank(), distributed.world_size()
+    module = distributed.convert_sync_batchnorm(worker.make("contrastive+simclr", {}))
+    ddp = DistributedDataParallel(module)
+    b = worker.GLOBAL_BATCH // world
+    batch = {k: v.narrow(1 if k.endswith("_views") else 0, rank * b, b) for k, v in worker.global_batch().items()}
+    loss, _ = exact_accum.exact_backward(StepParts(module, None, ddp=ddp, accum_steps=2), batch)
+    torch.distributed.all_reduce(loss)
+    if rank == 0:
+        torch.save({"loss": loss / world, "grads": worker.grads(module)}, out)
+
+
+@pytest.mark.slow
+def test_two_processes_with_exact_accumulation_match_one_process_on_the_global_batch(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(port), __file__, str(tmp_path / "grads.pt")]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = torch.load(tmp_path / "grads.pt")
+    one = worker.one_process("contrastive+simclr")
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-6, rtol=1e-5)
+    assert one["grads"].keys() == two["grads"].keys() and len(one["grads"]) > 20
+    for name, want in one["grads"].items():  # float noise of the all-reduced sums: ~1e-5 of the largest entry
+        assert (two["grads"][name] - want).abs().max() <= 2e-5 * max(1.0, want.abs().max().item()), name
+
+
+if __name__ == "__main__":
+    from vlpt.train import distributed
+
+    distributed.setup()
+    save_rank0_exact_grads(sys.argv[1])
+    distributed.teardown()

@@ -8,6 +8,11 @@
 - may add per-batch inputs before the forward pass (`prepare`), returns (loss, metrics) from the outputs
   (`forward`), and acts after each optimiser step (`after_step`: EMA targets, clamps, normalisation).
 
+`per_example = True` declares a loss that is a mean of per-example terms, each reading only its own example's
+outputs (captioning): plain gradient accumulation is then exact, so the training step needs no GradCache pass
+for it (vlpt.train.exact_accum). The default, False, is the safe one: the loss couples examples (contrastive
+negatives, batch statistics, gathers).
+
 Its parameters train with the model (no weight decay on 1-D tensors and on names ending in `_token` or
 `query`) and live in checkpoints. Gathers across processes live in the objective.
 """
@@ -29,6 +34,7 @@ def fp32(like: torch.Tensor):
 
 class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
+    per_example: bool = False
 
     @dataclasses.dataclass
     class Options:

@@ -22,6 +22,7 @@ class Captioning(Objective):
     (vlpt.objectives.linear_ce): the [B,L-1,V] logits are never built."""
 
     needs = frozenset({"caption_hidden"})
+    per_example = True
 
     @dataclasses.dataclass
     class Options:
