@@ -52,6 +52,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per step (train.accum_steps)")
+    p.add_argument("--caption-tokens", type=int, default=0,
+                   help="tokens before each caption's <eot>, then padding (0: no padding, every position real)")
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
 
@@ -66,12 +69,16 @@ def main() -> None:
     optimizer = build_optimizer(module, cfg.train)
     amp = autocast_dtype(args.precision, device)
     parts = StepParts(module, optimizer, run=torch.compile(module) if args.compile else None, amp=amp,
-                      grad_clip=cfg.train.grad_clip)
+                      accum_steps=args.accum, grad_clip=cfg.train.grad_clip)
 
     s = cfg.model.vision.image_size
     L = cfg.model.text.context_length
     text = torch.randint(5, args.vocab, (args.batch, L), device=device)
-    text[:, torch.randint(4, L, (1,)).item()] = 2
+    if args.caption_tokens:
+        n = min(args.caption_tokens, L - 2)
+        text[:, 0], text[:, n + 1], text[:, n + 2 :] = 1, 2, 0  # <sot> words <eot> <pad>...
+    else:
+        text[:, torch.randint(4, L, (1,)).item()] = 2
     batch = {"image": torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device), "text": text}
 
     def step():
@@ -95,7 +102,8 @@ def main() -> None:
     mem_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     res = {
-        "recipe": args.recipe, "preset": args.preset, "batch": args.batch, "precision": args.precision,
+        "recipe": args.recipe, "preset": args.preset, "batch": args.batch, "vocab": args.vocab,
+        "caption_tokens": args.caption_tokens, "accum": args.accum, "exact": parts.exact, "precision": args.precision,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "params_M": round(sum(q.numel() for q in module.parameters()) / 1e6, 3),
         "median_step_s": round(med, 4), "samples_per_s": round(args.batch / med, 1),

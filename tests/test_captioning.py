@@ -46,7 +46,7 @@ def images(n, seed=2):
 def test_caption_loss_is_per_example_mean_over_real_tokens_including_eot():
     module = make(captioning_only=True)
     batch = {"image": images(2), "text": texts([3, 6])}
-    out = module.model(batch, module.needs)
+    out = module.model(batch, module.needs | {"caption_logits"})
     loss, _ = module.objectives["captioning"](out, batch)
     logp = out["caption_logits"].log_softmax(-1)
     by_hand = []
@@ -182,7 +182,8 @@ def test_a_prompt_is_read_and_exactly_the_texts_own_tokens_are_scored():
     model, img = Model(module.model.eval(), tok), images(2)
     sentence = tok(["a photo of a cat"])
     with torch.no_grad():
-        logp = module.model({"image": img, "text": sentence.expand(2, -1)}, module.needs)["caption_logits"].log_softmax(-1)
+        out = module.model({"image": img, "text": sentence.expand(2, -1)}, frozenset({"caption_logits"}))
+        logp = out["caption_logits"].log_softmax(-1)
     targets = sentence[0, 1:].tolist()
     cat = tok.tok.token_to_id("Ġcat")
     j = targets.index(cat)
@@ -287,8 +288,8 @@ def test_vlpt_load_api_and_caption_command(tmp_path, capsys):
 def test_zero_cross_starts_as_a_blind_decoder_and_still_learns_to_look():
     module = make(["model.decoder.zero_cross=true"], captioning_only=True).train()
     model, text = module.model, texts([4, 6])
-    one = model({"image": images(2, seed=1), "text": text}, module.needs)["caption_logits"]
-    two = model({"image": images(2, seed=2), "text": text}, module.needs)["caption_logits"]
+    one = model({"image": images(2, seed=1), "text": text}, frozenset({"caption_logits"}))["caption_logits"]
+    two = model({"image": images(2, seed=2), "text": text}, frozenset({"caption_logits"}))["caption_logits"]
     assert torch.equal(one, two)  # the image has no path to the logits yet
     loss, _ = module({"image": images(2), "text": text})
     loss.backward()

@@ -44,7 +44,7 @@ class TextConfig:
 
 @dataclass
 class DecoderConfig:
-    """Caption decoder (Cap, CapPa, CoCa), built only when an objective reads caption logits.
+    """Caption decoder (Cap, CapPa, CoCa), built only when an objective reads a caption output.
 
     Unset, its shape follows the image encoder (METHODS.md, Cap): half its depth, its width and heads.
     MLP ratio and context length are the text tower's (`model.text.*`).
@@ -682,7 +682,7 @@ def _validate_eval(cfg: Config) -> None:
 
 def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
     """Every objective must read outputs the model has, from towers it has."""
-    from vlpt.models.outputs import NeedError, split_need, towers_of
+    from vlpt.models.outputs import CAPTION_OUTPUTS, NeedError, split_need, towers_of
 
     base = {}
     for name, need in needs.items():
@@ -724,7 +724,7 @@ def _validate_towers(cfg: Config, needs: dict[str, frozenset]) -> None:
         raise ConfigError("model.vision.pool=map adds an attention pooler that no objective of this recipe trains "
                           "(none reads the ViT's pooled feature): probes would read it untrained and several "
                           "processes fail on its unused parameters; choose cls, gap or max")
-    captioners = [n for n, need in needs.items() if "caption_logits" in need]
+    captioners = [n for n, need in needs.items() if need & CAPTION_OUTPUTS]
     if captioners and d.depth + d.unimodal_depth == 0:
         raise ConfigError(f"objectives.{captioners[0]} needs a caption decoder but model.decoder.depth=0; "
                           "set e.g. model.decoder.depth=2")

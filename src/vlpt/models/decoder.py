@@ -188,16 +188,18 @@ class CaptionDecoder(nn.Module):
         """CoCa's text embedding before projection: the [CLS] output of the unimodal layers."""
         return self._unimodal(text, None)[1]
 
-    def forward(self, text: torch.Tensor, memory: torch.Tensor | None,
-                parallel: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, text: torch.Tensor, memory: torch.Tensor | None, parallel: torch.Tensor | None = None,
+                hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """text [B,L] ids, memory [B,M,Wm] image tokens (None if blind), parallel [B] bool (CapPa).
 
         Returns (logits [B,L-1,V] predicting text[:, 1:], [CLS] features [B,W] or None). Examples with
         parallel=True read only [MASK] inputs with full attention: they predict every token at once.
+        `hidden`: the final hidden states [B,L-1,W] (after the final LN) in place of the logits, for a loss
+        that applies `head` itself.
         """
         x, cls, mask = self._unimodal(text, parallel)
-        x = self._run(self.multimodal, x, mask, memory)
-        return self.head(self.ln_final(x)), cls
+        x = self.ln_final(self._run(self.multimodal, x, mask, memory))
+        return (x if hidden else self.head(x)), cls
 
     # ------------------------------------------------------------------------------------ generation
     def start(self, memory: torch.Tensor | None, batch: int, device, dtype) -> DecodeCache:

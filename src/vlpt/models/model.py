@@ -14,8 +14,8 @@ from vlpt.data.tokenizer import Vocab
 from vlpt.models.decoder import CaptionDecoder
 from vlpt.models.joint import TextInputs
 from vlpt.models.layers import AttentionPool
-from vlpt.models.outputs import (CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES, text_from_decoder,
-                                 abilities_of, by_view, split_need, towers_of)
+from vlpt.models.outputs import (CAPTION_OUTPUTS, CONTRASTIVE, IMAGE_OUTPUTS, TEXT_OUTPUTS, TOWER_MODULES,
+                                 abilities_of, by_view, split_need, text_from_decoder, towers_of)
 from vlpt.models.text import text_tower
 from vlpt.models.vision import VisionTransformer
 
@@ -157,25 +157,28 @@ class ImageTextModel(nn.Module):
     # ------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict, needs: frozenset[str]) -> dict:
         """Every output in `needs`, keyed as named there, each computed once (CoCa: one pass gives the
-        embeddings and the caption logits)."""
+        embeddings and the caption logits), with caption_mask and caption_head alongside a caption output."""
         out: dict = {}
         for view, names in by_view(needs):
             got = self._default_view(batch, names) if view is None else self._view(batch, view, names)
             out.update({(n if view is None else f"{n}@{view}"): got[n] for n in names})
-            if view is None and "caption_mask" in got:
-                out["caption_mask"] = got["caption_mask"]
+            if view is None:
+                out.update({k: got[k] for k in ("caption_mask", "caption_head") if k in got})
         return out
 
     def _default_view(self, batch: dict, names: set[str]) -> dict:
         out: dict = {}
-        captions = "caption_logits" in names
+        captions = bool(names & CAPTION_OUTPUTS)
         sees = self.visual is not None and (names & IMAGE_OUTPUTS or captions)
         if sees:
             out.update(self._image_outputs(batch["image"], names, memory=captions))
         if captions:
             text = batch["text"]
-            logits, cls = self.decoder(text, out.get("memory") if sees else None, batch.get("parallel"))
-            out["caption_logits"], out["caption_mask"] = logits, text[:, 1:] != self.decoder.pad_id
+            hidden, cls = self.decoder(text, out.get("memory") if sees else None, batch.get("parallel"), hidden=True)
+            out["caption_hidden"], out["caption_head"] = hidden, self.decoder.head
+            if "caption_logits" in names:
+                out["caption_logits"] = self.decoder.head(hidden)
+            out["caption_mask"] = text[:, 1:] != self.decoder.pad_id
             if cls is not None:  # the decoder is the text tower: its [CLS] is the text feature
                 out["text_features"] = cls
                 if "text_embed" in names:

@@ -7,7 +7,10 @@ An objective names what it reads as `OUTPUT` or `OUTPUT@VIEW`:
   text_tokens    the text tower's tokens after its final LN                    [B,L,Wt]
   text_features  the text tower's feature at <eot> (a CoCa decoder: its [CLS]) [B,Wt]
   text_embed     the text feature projected to the shared space, unit norm    [B,D]
-  caption_logits the caption decoder's next-token logits, and caption_mask (real target tokens)
+  caption_logits the caption decoder's next-token logits [B,L-1,V]
+  caption_hidden its final hidden states [B,L-1,W] (after the final LN), with caption_head, the output layer
+                 (nn.Linear): a loss applies it itself, in chunks, without all the logits at once
+                 (either caption output comes with caption_mask [B,L-1], the real target tokens)
   joint_tokens   one transformer, the image encoder, over [CLS (pool=cls); image patches; text tokens]
                  (vlpt.models.joint), after its final LN, no [CLS]: patch tokens, then text tokens  [B,N+L,W]
 and the views: none (batch["image"], batch["text"]); `image_views` / `text_views` (the recipe's extra views,
@@ -23,7 +26,8 @@ import functools
 
 IMAGE_OUTPUTS = frozenset({"image_tokens", "image_pooled", "image_embed"})
 TEXT_OUTPUTS = frozenset({"text_tokens", "text_features", "text_embed"})
-OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | {"caption_logits", "joint_tokens"}
+CAPTION_OUTPUTS = frozenset({"caption_logits", "caption_hidden"})
+OUTPUTS = IMAGE_OUTPUTS | TEXT_OUTPUTS | CAPTION_OUTPUTS | {"joint_tokens"}
 VIEWS = {None: OUTPUTS, "image_views": IMAGE_OUTPUTS, "masked": IMAGE_OUTPUTS | {"joint_tokens"},
          "text_views": TEXT_OUTPUTS}
 CONTRASTIVE = frozenset({"image_embed", "text_embed"})
@@ -59,16 +63,16 @@ def by_view(needs: frozenset[str]) -> tuple[tuple[str | None, frozenset[str]], .
 
 def text_from_decoder(cfg, names: set[str]) -> bool:
     """A decoder with unimodal layers is the text tower too (CoCa): its [CLS] output is the text feature."""
-    return "caption_logits" in names and cfg.decoder.unimodal_depth > 0
+    return bool(names & CAPTION_OUTPUTS) and cfg.decoder.unimodal_depth > 0
 
 
 def towers_of(cfg, needs: frozenset[str]) -> set[str]:
     """The towers (vision, text, decoder) a model with these needs has."""
     names = {split_need(n)[0] for n in needs}
     towers = set()
-    if names & IMAGE_OUTPUTS or "joint_tokens" in names or ("caption_logits" in names and not cfg.decoder.blind):
+    if names & IMAGE_OUTPUTS or "joint_tokens" in names or (names & CAPTION_OUTPUTS and not cfg.decoder.blind):
         towers.add("vision")
-    if "caption_logits" in names:
+    if names & CAPTION_OUTPUTS:
         towers.add("decoder")
     if names & TEXT_OUTPUTS and not text_from_decoder(cfg, names):
         towers.add("text")
@@ -99,4 +103,6 @@ def output_width(cfg, name: str) -> int:
         return cfg.vision.width
     if name in TEXT_OUTPUTS:  # a decoder with unimodal layers is the text tower of a captioning recipe (CoCa)
         return cfg.decoder.width if cfg.decoder.unimodal_depth > 0 else cfg.text.width
+    if name == "caption_hidden":
+        return cfg.decoder.width
     raise NeedError(f"'{name}' has no fixed width")

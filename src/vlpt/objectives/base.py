@@ -12,6 +12,11 @@
 - may offer evaluators what only its heads compute (`abilities`, e.g. "bow_logits", and `ability`); the
   inference model (vlpt.inference.Model) adds them to the model's own abilities.
 
+`per_example = True` declares a loss that is a mean of per-example terms, each reading only its own example's
+outputs (captioning): plain gradient accumulation is then exact, so the training step needs no GradCache pass
+for it (vlpt.train.exact_accum). The default, False, is the safe one: the loss couples examples (contrastive
+negatives, batch statistics, gathers).
+
 Its parameters train with the model (no weight decay on 1-D tensors and on names ending in `_token` or
 `query`) and live in checkpoints. Gathers across processes live in the objective.
 """
@@ -35,6 +40,7 @@ class Objective(nn.Module):
     needs: frozenset[str] = frozenset()
     abilities: frozenset[str] = frozenset()  # what its heads give evaluators at inference (see `ability`)
     sets: frozenset[str] = frozenset()  # batch keys its prepare() adds that a view reads (e.g. "image_keep")
+    per_example: bool = False
 
     @dataclasses.dataclass
     class Options:

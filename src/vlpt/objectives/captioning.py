@@ -9,17 +9,31 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 
-from vlpt.objectives.base import Objective, fp32
+from vlpt.objectives.base import Objective
+from vlpt.objectives.linear_ce import linear_cross_entropy
+from vlpt.typed import ConfigError
+
+CHUNK_LOGITS = 2**26  # fp32 logits per chunk by default (256 MB): large matmuls, a bounded footprint
 
 
 class Captioning(Objective):
-    needs = frozenset({"caption_logits"})
+    """The loss applies the decoder's output layer itself, to the real target tokens only, in chunks
+    (vlpt.objectives.linear_ce): the [B,L-1,V] logits are never built."""
+
+    needs = frozenset({"caption_hidden"})
+    per_example = True
 
     @dataclasses.dataclass
     class Options:
         parallel_prob: float = 0.0  # CapPa: 0.75; Cap and CoCa: 0
+        chunk_tokens: int = 0  # target tokens per chunk of logits; 0: as many as CHUNK_LOGITS logits
+
+    @classmethod
+    def check(cls, options, cfg) -> None:
+        if options.chunk_tokens < 0:
+            raise ConfigError(f"chunk_tokens={options.chunk_tokens} must be >= 0 (0: automatic, or a number of "
+                              f"target tokens per chunk of logits)")
 
     def prepare(self, batch: dict) -> None:
         """Draw the per-example parallel-prediction switch (training only; generation is always causal)."""
@@ -29,14 +43,14 @@ class Captioning(Objective):
             batch["parallel"] = torch.rand(text.shape[0], device=text.device) < p
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        logits, real = outputs["caption_logits"], outputs["caption_mask"]
+        hidden, head, real = outputs["caption_hidden"], outputs["caption_head"], outputs["caption_mask"]
         targets = batch["text"][:, 1:]
-        with fp32(logits):
-            nll = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-        per_example = (nll * real).sum(1) / real.sum(1).clamp(min=1)
-        with torch.no_grad():
-            acc = ((logits.argmax(-1) == targets) & real).sum() / real.sum().clamp(min=1)
-            metrics = {"token_acc": acc}
-            if "parallel" in batch:
-                metrics["parallel_fraction"] = batch["parallel"].float().mean()
-        return per_example.mean(), metrics
+        # each token weighs 1 / (its example's real tokens * examples): per-example means, then their mean
+        per_token = 1.0 / (real.sum(1).clamp(min=1) * real.shape[0]).float()
+        scale = per_token[:, None].expand_as(real)[real]
+        chunk = self.opts.chunk_tokens or max(1, CHUNK_LOGITS // head.out_features)
+        loss, correct = linear_cross_entropy(hidden[real], head.weight, head.bias, targets[real], scale, chunk)
+        metrics = {"token_acc": correct.sum() / max(correct.numel(), 1)}
+        if "parallel" in batch:
+            metrics["parallel_fraction"] = batch["parallel"].float().mean()
+        return loss, metrics

@@ -48,6 +48,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+def average_gradients(params) -> None:
+    """Each gradient's mean over ranks, as DDP's reducer makes it, for a step that back-propagates without
+    DDP's forward (exact accumulation). One all-reduce per dtype; every rank has the same gradients set."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    for dtype in sorted({g.dtype for g in grads}, key=str):  # the same order on every rank
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for g, mean in zip(group, flat.split([g.numel() for g in group])):
+            g.copy_(mean.view_as(g))
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather forward; backward sums every rank's gradient of the gathered tensor and keeps this rank's
     slice (an all-reduce, which every backend has, unlike the all-to-all torch's own version needs on gloo)."""

@@ -34,10 +34,19 @@ class Pretrainer(nn.Module):
         self.ema = EMA(model, ema, ema_schedule) if ema > 0 else None
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        batch = self.prepare(batch)
+        return self.losses(self.model(batch, self.needs), batch)
+
+    # the three stages, which exact gradient accumulation (vlpt.train.exact_accum) runs apart
+    def prepare(self, batch: dict) -> dict:
+        """A copy of `batch` with the objectives' per-batch inputs (e.g. CapPa's parallel switch)."""
         batch = dict(batch)
         for objective in self.objectives.values():
             objective.prepare(batch)
-        outputs = self.model(batch, self.needs)
+        return batch
+
+    def losses(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
+        """The weighted sum of the objectives' losses on the model's `outputs`, and their metrics."""
         total, metrics = 0.0, {}
         for key, objective in self.objectives.items():
             loss, extra = objective(outputs, batch)

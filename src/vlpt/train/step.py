@@ -1,9 +1,13 @@
 """One optimisation step: forward, weighted losses, backward, clip, optimiser, the objectives' after-step
 hooks. The training loop, the benchmarks and the tests all call `train_step`.
 
-A batch is a dict of tensors. Device transfer and the micro-batch split treat every key alike: they
-split it on its batch dimension (dim 1 for the `*_views` keys, [V,B,...]; dim 0 otherwise), so a new key
-needs no change here.
+A batch is a dict of tensors. Device transfer and the micro-batch split (vlpt.train.microbatch) treat every
+key alike, so a new key needs no change here.
+
+With several micro-batches per step (`accum_steps`), gradients accumulate in one of two ways. Plain: each
+micro-batch's loss on its own, which is exact only for losses that are means of per-example terms. Exact
+(vlpt.train.exact_accum, GradCache): the loss over the whole batch, for one more forward pass; used whenever
+an objective couples examples (`Objective.per_example` is False), e.g. contrastive negatives.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from vlpt.train import distributed
+from vlpt.train.exact_accum import exact_backward
+from vlpt.train.microbatch import batch_dim, split  # noqa: F401  (importable from here too)
 from vlpt.train.pretrainer import Pretrainer
 
 
@@ -38,21 +44,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def batch_dim(key: str) -> int:
-    """Where the examples are: [V,B,...] for views, [B,...] for everything else."""
-    return 1 if key.endswith("_views") else 0
-
-
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def split(batch: dict, n: int) -> list[dict]:
-    """n equal micro-batches of every tensor in `batch` (the loop checks that the batch divides)."""
-    if n == 1:
-        return [batch]
-    parts = {k: v.chunk(n, dim=batch_dim(k)) for k, v in batch.items()}
-    return [{k: p[i] for k, p in parts.items()} for i in range(n)]
 
 
 def sum_over_ranks(device: torch.device, *values: int) -> list[int]:
@@ -67,7 +60,8 @@ def sum_over_ranks(device: torch.device, *values: int) -> list[int]:
 @dataclass
 class StepParts:
     """What one step needs. `run` computes (loss, metrics) from a batch: the module itself, or the module
-    wrapped in DDP (`ddp`) and/or compiled."""
+    wrapped in DDP (`ddp`) and/or compiled. `exact`: accumulate exactly (GradCache) when accum_steps > 1;
+    None chooses it when an objective couples examples."""
 
     module: Pretrainer
     optimizer: torch.optim.Optimizer
@@ -78,19 +72,40 @@ class StepParts:
     amp: torch.dtype | None = None
     accum_steps: int = 1
     grad_clip: float = 1.0
+    exact: bool | None = None
 
     def __post_init__(self):
         if self.run is None:
             self.run = self.ddp if self.ddp is not None else self.module
+        if self.exact is None:
+            self.exact = not all(o.per_example for o in self.module.objectives.values())
+        self.exact = self.exact and self.accum_steps > 1
 
 
 @dataclass
 class StepResult:
     loss: float
     grad_norm: float
-    metrics: dict  # the last micro-batch's metrics (tensors: read them only when logging)
+    metrics: dict  # the last micro-batch's metrics, the whole batch's when exact (tensors: read them when logging)
     updated: bool  # False: a non-finite loss or gradient somewhere; no update was made
     flags: list[int]  # the caller's flags, summed over ranks
+
+
+def backward(parts: StepParts, batch: dict) -> tuple[torch.Tensor, dict]:
+    """Plain accumulation: each micro-batch's loss and backward on its own (DDP reduces during the last one).
+    -> (the mean of the micro-batches' losses, the last one's metrics)."""
+    device = next(parts.module.parameters()).device
+    chunks = split(batch, parts.accum_steps)
+    total_loss, metrics = torch.zeros((), device=device), {}
+    for k, chunk in enumerate(chunks):
+        last = k == len(chunks) - 1
+        sync = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
+        with sync, torch.autocast(device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
+            loss, metrics = parts.run(chunk)
+            scaled = loss / len(chunks)
+        (parts.scaler.scale(scaled) if parts.scaler else scaled).backward()
+        total_loss += loss.detach().float() / len(chunks)
+    return total_loss, metrics
 
 
 def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tuple[int, ...] = ()) -> StepResult:
@@ -102,16 +117,7 @@ def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tupl
     """
     module, optimizer, scaler = parts.module, parts.optimizer, parts.scaler
     device = next(module.parameters()).device
-    chunks = split(batch, parts.accum_steps)
-    total_loss, metrics = torch.zeros((), device=device), {}
-    for k, chunk in enumerate(chunks):
-        last = k == len(chunks) - 1
-        sync = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
-        with sync, torch.autocast(device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
-            loss, metrics = parts.run(chunk)
-            scaled = loss / len(chunks)
-        (scaler.scale(scaled) if scaler else scaled).backward()
-        total_loss += loss.detach().float() / len(chunks)
+    total_loss, metrics = (exact_backward if parts.exact else backward)(parts, batch)
     if scaler:
         scaler.unscale_(optimizer)
     # parameters without a gradient (a locked tower) are skipped by clip_grad_norm_ itself
