@@ -388,7 +388,7 @@ def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
     Returns (good images, the set restricted to them, names of the bad ones). Raises BadDataError when
     more than `max_bad_fraction` of the images are bad.
     """
-    from tqdm import tqdm
+    from vlpt.progress import bar
 
     def work(i: int):
         try:
@@ -403,9 +403,8 @@ def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,
     threads = max(2, min(4, os.cpu_count() or 2))
     with ThreadPoolExecutor(threads) as pool:
         results = pool.map(work, range(n), chunksize=1)
-        bar = tqdm(results, total=n, desc=f"decoding {s.name}", unit="img", file=sys.stderr,
-                   disable=not progress, leave=False)
-        for i, (img, err) in enumerate(bar):
+        for i, (img, err) in enumerate(bar(results, progress, total=n, desc=f"decoding {s.name}", unit="img",
+                                           leave=False)):
             if img is None:
                 bad.append((_ref_name(s, i), err))
             else:
