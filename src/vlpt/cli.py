@@ -75,7 +75,7 @@ def _train(args) -> int:
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
     try:
-        results = loop.train(cfg, out, resume=resume, progress=not args.quiet)
+        loop.train(cfg, out, resume=resume, progress=not args.quiet, report=print)  # the summary, also with --quiet
     except Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
         print(f"vlpt: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -86,8 +86,6 @@ def _train(args) -> int:
         from vlpt.train.distributed import teardown
 
         teardown()
-    if results:
-        print(format_results(results, title=f"{cfg.recipe} -> {out}"))
     return 0
 
 
@@ -155,9 +153,20 @@ def _demo(args) -> int:
     cfg = config_lib.resolve("clip", args.overrides)
     print(f"vlpt demo: CLIP, model={cfg.model.preset}, {cfg.train.steps} steps of {cfg.train.batch_size} "
           f"on built-in scenes -> {out}", file=sys.stderr)
-    results = loop.train(cfg, out, progress=True)
-    print(format_results(results, title=f"vlpt demo (CLIP on built-in scenes), run folder {out}"))
+    loop.train(cfg, out, progress=True, report=print)
     print("chance: zero-shot colour 12.5%, shape 20%, colour+shape 2.5%; retrieval R@1 0.2% (500 images, 1,000 captions)")
+    return 0
+
+
+def _plot(args) -> int:
+    from vlpt.plot import NothingToPlot, plot_run
+
+    try:
+        out = plot_run(args.run, args.out)
+    except NothingToPlot as err:
+        print(f"vlpt: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 
@@ -262,6 +271,16 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("overrides", nargs="*", metavar="key=value")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=_demo)
+
+    pl = sub.add_parser("plot", help="draw a run's training curves as a PNG", formatter_class=fmt,
+                        description="Loss, learning rate, samples/s and evaluation metrics against the step, from "
+                                    "RUN/metrics.jsonl (training draws RUN/curves.png at its end).",
+                        epilog="examples:\n"
+                               "  vlpt plot runs/demo                          # writes runs/demo/curves.png\n"
+                               "  vlpt plot runs/clip --out clip-curves.png    # also while the run still trains")
+    pl.add_argument("run", metavar="RUN", help="run folder (or its metrics.jsonl)")
+    pl.add_argument("--out", metavar="FILE", help="PNG to write (default RUN/curves.png)")
+    pl.set_defaults(fn=_plot)
 
     da = sub.add_parser("data", help="inspect data sources, write WebDataset shards", epilog=DATA_HELP, formatter_class=fmt)
     dsub = da.add_subparsers(dest="data_cmd", required=True)
