@@ -195,6 +195,11 @@ def test_curves_and_vlpt_plot(tmp_path, capsys):
     assert list(lr.lines[0].get_xdata()) == [2, 4, 6] and list(speed.lines[0].get_ydata()) == [102, 104, 106]
     assert {line.get_label(): list(line.get_xdata()) for line in evals.lines} == {"ret/r1": [6], "zs/top1": [4, 6]}
 
+    final_only = [r for r in rows if r["kind"] != "eval" or r["step"] == 6]  # measured at one step: bars
+    evals = curves_figure(final_only).axes[3]
+    assert evals.get_title() == "evaluation at step 6" and [p.get_width() for p in evals.patches] == [5.0, 30.0]
+    assert [t.get_text() for t in evals.texts] == [" ret/r1  5.00", " zs/top1  30.00"]
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "kind": "tr')
@@ -202,6 +207,9 @@ def test_curves_and_vlpt_plot(tmp_path, capsys):
     assert (tmp_path / "c.png").read_bytes().startswith(PNG) and "wrote" in capsys.readouterr().out
     assert cli_main(["plot", str(tmp_path)]) == 2
     assert f"{tmp_path / 'metrics.jsonl'} not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["plot", "--help"])
+    assert "examples:\n  vlpt plot runs/demo" in capsys.readouterr().out
 
 
 def test_missing_tensorboard_is_said_once(tmp_path, capsys, monkeypatch):

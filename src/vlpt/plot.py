@@ -28,11 +28,15 @@ def _series(rows: list[dict], kind: str, key: str) -> tuple[list[int], list[floa
 
 def curves_figure(rows: list[dict], title: str = ""):
     """A 2x2 matplotlib Figure (no pyplot, so no display and no global backend): loss (and each objective's
-    loss when there are several), learning rate, samples/s, evaluation metrics."""
+    loss when there are several), learning rate, samples/s against the step, and the evaluation metrics:
+    against the step, or as bars when they were measured at one step only (the final evaluation)."""
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 6.5), layout="constrained")
-    (loss, lr), (speed, evals) = fig.subplots(2, 2, sharex=True)
+    (loss, lr), (speed, evals) = fig.subplots(2, 2)
+    for ax in (lr, speed):
+        ax.sharex(loss)
     train_keys = {k for r in rows if r.get("kind") == "train" for k in r}
     parts = sorted(k for k in train_keys if k.endswith("/loss"))
     loss.plot(*_series(rows, "train", "loss"), label="loss", color="black")
@@ -42,21 +46,41 @@ def curves_figure(rows: list[dict], title: str = ""):
         loss.legend(fontsize=8)
     lr.plot(*_series(rows, "train", "lr"))
     speed.plot(*_series(rows, "train", "samples_per_s"))
-    eval_keys = sorted({k for r in rows if r.get("kind") == "eval" for k in r} - {"step", "kind"})
-    for k in eval_keys:
-        evals.plot(*_series(rows, "eval", k), marker="o", markersize=3, label=k)
-    if eval_keys:
-        evals.legend(fontsize=7)
-    else:
-        evals.text(0.5, 0.5, "no evaluation rows", ha="center", va="center", transform=evals.transAxes)
-    for ax, name in ((loss, "loss"), (lr, "learning rate"), (speed, "samples/s"), (evals, "evaluation")):
+    tab20 = colormaps["tab20"]
+    _evaluation(evals, loss, rows, lambda i: tab20((2 * i) % 20 + (2 * i // 20) % 2))  # the dark ten first
+    for ax, name in ((loss, "loss"), (lr, "learning rate"), (speed, "samples/s")):
         ax.set_title(name, fontsize=10)
+    for ax in (loss, lr, speed, evals):
         ax.grid(alpha=0.3)
-    for ax in (speed, evals):
-        ax.set_xlabel("step")
+    speed.set_xlabel("step")
     if title:
         fig.suptitle(title)
     return fig
+
+
+def _evaluation(ax, steps_ax, rows: list[dict], colours) -> None:
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    keys = sorted({k for r in evals for k in r} - {"step", "kind"})
+    if not keys:
+        ax.set_title("evaluation", fontsize=10)
+        ax.text(0.5, 0.5, "no evaluation rows", ha="center", va="center", transform=ax.transAxes)
+        return
+    at = {r["step"] for r in evals}
+    if len(at) == 1:  # one point per metric reads better as a labelled bar than as a dot at the last step
+        values = [_series(rows, "eval", k)[1][-1] for k in keys]
+        ax.barh(range(len(keys)), values, color=[colours(i) for i in range(len(keys))], alpha=0.6)
+        for i, (k, v) in enumerate(zip(keys, values)):  # names on the bars: long task names need no margin
+            ax.text(0, i, f" {k}  {v:.2f}", va="center", ha="left", fontsize=7)
+        ax.set_yticks([])
+        ax.invert_yaxis()
+        ax.set_title(f"evaluation at step {at.pop()}", fontsize=10)
+        return
+    ax.sharex(steps_ax)
+    for i, k in enumerate(keys):
+        ax.plot(*_series(rows, "eval", k), marker="o", markersize=3, label=k, color=colours(i))
+    ax.legend(fontsize=7)
+    ax.set_title("evaluation", fontsize=10)
+    ax.set_xlabel("step")
 
 
 def plot_run(run: str | Path, out: str | Path | None = None) -> Path:
