@@ -99,7 +99,7 @@ def _train(args) -> int:
     else:
         cfg = config_lib.resolve(args.recipe, args.overrides)
     try:
-        results = loop.train(cfg, out, resume=resume, progress=not args.quiet)
+        loop.train(cfg, out, resume=resume, progress=not args.quiet, report=print)  # the summary, also with --quiet
     except Interrupted as stop:  # a checkpoint of the last finished step is saved: exit 128 + signal
         print(f"vlpt: {stop}", file=sys.stderr)
         return stop.exit_code
@@ -107,8 +107,6 @@ def _train(args) -> int:
         from vlpt.train.distributed import teardown
 
         teardown()
-    if results:
-        print(format_results(results, title=f"{cfg.recipe} -> {out}"))
     return 0
 
 
@@ -263,12 +261,19 @@ def _demo(args) -> int:
     print(f"vlpt demo: CLIP, model={cfg.model.preset}, {cfg.train.steps} steps of {cfg.train.batch_size} "
           f"on built-in scenes -> {out}", file=sys.stderr)
     try:
-        results = loop.train(cfg, out, progress=True)
+        loop.train(cfg, out, progress=True, report=print)
     except Interrupted as stop:
         print(f"vlpt: {stop}", file=sys.stderr)
         return stop.exit_code
-    print(format_results(results, title=f"vlpt demo (CLIP on built-in scenes), run folder {out}"))
     print("chance: zero-shot colour 12.5%, shape 20%, colour+shape 2.5%; retrieval R@1 0.2% (500 images, 1,000 captions)")
+    return 0
+
+
+def _plot(args) -> int:
+    from vlpt.plot import plot_run
+
+    out = plot_run(args.run, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -440,6 +445,16 @@ def parser() -> Parser:
     d.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.steps=50")
     d.add_argument("--out", default="runs/demo", help="run folder (default runs/demo; replaced)")
     d.set_defaults(fn=_demo)
+
+    pl = command("plot", "draw a run's training curves as a PNG",
+                 "Loss, learning rate, samples/s and evaluation metrics against the step, from RUN/metrics.jsonl "
+                 "(training draws RUN/curves.png at its end).",
+                 "examples:\n"
+                 "  vlpt plot runs/demo                          # writes runs/demo/curves.png\n"
+                 "  vlpt plot runs/clip --out clip-curves.png    # also while the run still trains")
+    pl.add_argument("run", metavar="RUN", help="run folder (or its metrics.jsonl)")
+    pl.add_argument("--out", metavar="FILE", help="PNG to write (default RUN/curves.png)")
+    pl.set_defaults(fn=_plot)
 
     da = command("data", "inspect data sources, write WebDataset shards", epilog=DATA_HELP)
     dsub = da.add_subparsers(dest="data_cmd", required=True, parser_class=Parser)

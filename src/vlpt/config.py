@@ -233,7 +233,8 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     threads: int = 0  # 0 = torch's default
-    log_every: int = 10
+    log_every: int = 10  # a training row of metrics.jsonl every this many steps (and at the last)
+    log_every_s: float = 10.0  # stderr not a terminal: a progress line every this many seconds (and at the last step)
     max_nonfinite_steps: int = 20  # this many non-finite losses/gradients in a row stop the run
     # > 0: also keep an exponential moving average of the model's weights with this decay (e.g. 0.999), saved
     # in the checkpoints; the final evaluation reports it too, as ema/TASK/METRIC (vlpt.train.ema)
@@ -527,6 +528,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.precision={tr.precision!r}: choose auto, fp32, bf16 or fp16")
     if tr.ema_schedule not in EMA_SCHEDULES:
         raise ConfigError(f"train.ema_schedule={tr.ema_schedule!r}: choose {', '.join(EMA_SCHEDULES)}")
+    if tr.log_every < 1:
+        raise ConfigError(f"train.log_every={tr.log_every} must be at least 1 (steps between rows of metrics.jsonl)")
+    if tr.log_every_s < 0:
+        raise ConfigError(f"train.log_every_s={tr.log_every_s} must be 0 or more (seconds between progress lines; "
+                          f"default 10)")
     if tr.max_nonfinite_steps < 1:
         raise ConfigError(f"train.max_nonfinite_steps={tr.max_nonfinite_steps} must be at least 1 (default 20)")
     streaming = str(cfg.data.streaming).lower()  # YAML reads `true` as a boolean

@@ -520,7 +520,7 @@ def image_error(s: ImageTextSet, bad: list[str], max_bad_fraction: float) -> Bad
 def read_images(s: ImageTextSet, size: int, progress: bool = True) -> Iterator[tuple[torch.Tensor | None, str | None]]:
     """Each image of `s` in order, decoded to uint8 [3,size,size] on a few threads: (image, None), or
     (None, "name (error)") for one that cannot be read."""
-    from tqdm import tqdm
+    from vlpt.progress import bar
 
     def work(i: int):
         try:
@@ -531,8 +531,8 @@ def read_images(s: ImageTextSet, size: int, progress: bool = True) -> Iterator[t
     n = s.num_images
     threads = max(2, min(4, os.cpu_count() or 2))
     with ThreadPoolExecutor(threads) as pool:
-        yield from tqdm(pool.map(work, range(n), chunksize=1), total=n, desc=f"decoding {s.name}", unit="img",
-                        file=sys.stderr, disable=not progress, leave=False)
+        yield from bar(pool.map(work, range(n), chunksize=1), progress, total=n, desc=f"decoding {s.name}",
+                       unit="img", leave=False)
 
 
 def decode_all(s: ImageTextSet, size: int, max_bad_fraction: float = 0.01,

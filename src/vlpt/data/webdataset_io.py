@@ -75,7 +75,7 @@ def write_shards(s: ImageTextSet, pattern: str, maxcount: int = 1000, size: int 
     Images are stored as JPEG: the original file bytes when the source is a JPEG file and `size` is None,
     else re-encoded (shorter side down to `size` when given). Unreadable images are skipped with a warning.
     """
-    from tqdm import tqdm
+    from vlpt.progress import bar
 
     if os.path.isdir(pattern) or pattern.endswith("/"):
         pattern = os.path.join(pattern, "shard-%06d.tar")
@@ -88,8 +88,7 @@ def write_shards(s: ImageTextSet, pattern: str, maxcount: int = 1000, size: int 
     written: list[str] = []
     bad: list[str] = []
     with wds.ShardWriter(pattern, maxcount=maxcount, verbose=0, post=written.append) as sink:
-        for i in tqdm(range(s.num_images), desc=f"packing {s.name}", unit="img", file=sys.stderr,
-                      disable=not progress):
+        for i in bar(range(s.num_images), progress, desc=f"packing {s.name}", unit="img"):
             try:
                 jpg = _jpeg_bytes(s, s.images[i], size)
             except Exception as e:  # unreadable image: leave it out

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from vlpt.progress import bar
 
 from vlpt.eval.batching import batched
 from vlpt.eval.probes import labelled_pair, probe_specs, validation_split
@@ -65,7 +65,7 @@ def _train(x, y, classes, epochs, seed, lr, weight_decay, batch_size, heads, dev
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
     order = torch.Generator().manual_seed(seed)
     val_acc = []
-    for _ in tqdm(range(epochs), desc=desc, disable=not progress, leave=False):
+    for _ in bar(range(epochs), progress, desc=desc, leave=False):
         head.train()
         for idx in torch.randperm(len(x), generator=order).split(batch_size):
             loss = F.cross_entropy(head(x[idx].to(device).float()), y[idx].to(device))

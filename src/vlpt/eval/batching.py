@@ -4,7 +4,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
+
+from vlpt.progress import bar
 
 
 def encode_batched(
@@ -16,7 +17,7 @@ def encode_batched(
     outs = []
     starts = range(0, len(items), batch_size)
     with torch.no_grad():
-        for start in tqdm(starts, desc=desc, disable=not progress, leave=False):
+        for start in bar(starts, progress, desc=desc, leave=False):
             outs.append(fn(items[start : start + batch_size]).float().cpu())
     return torch.cat(outs)
 
@@ -25,4 +26,4 @@ def batched(fn: Callable, n: int, batch_size: int, progress: bool, desc: str) ->
     """[fn(start, stop) for each batch] under no_grad, with a progress bar."""
     with torch.no_grad():
         return [fn(a, min(a + batch_size, n))
-                for a in tqdm(range(0, n, batch_size), desc=desc, disable=not progress, leave=False)]
+                for a in bar(range(0, n, batch_size), progress, desc=desc, leave=False)]

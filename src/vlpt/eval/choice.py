@@ -20,7 +20,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from vlpt.progress import bar
 
 from vlpt.eval.batching import encode_batched
 from vlpt.eval.registry import TaskError
@@ -54,7 +54,7 @@ def _text_only(score: Callable[[list[str]], torch.Tensor], texts: list[str], pro
     chunks = range(0, len(texts), TEXT_BATCH)
     with torch.no_grad():
         return torch.cat([score(texts[a : a + TEXT_BATCH]).float().cpu().reshape(-1)
-                          for a in tqdm(chunks, desc=desc, disable=not progress, leave=False)])
+                          for a in bar(chunks, progress, desc=desc, leave=False)])
 
 
 def blank(size: int) -> torch.Tensor:
@@ -94,7 +94,7 @@ def _likelihoods(model, images: torch.Tensor, questions: Sequence[Question], pro
         by_image.setdefault(q.image, {}).update(dict.fromkeys(q.options))
     scores: dict[tuple[int, str], float] = {}
     with torch.no_grad():
-        for image, texts in tqdm(by_image.items(), desc="likelihoods", disable=not progress, leave=False):
+        for image, texts in bar(by_image.items(), progress, desc="likelihoods", leave=False):
             row = model.score_texts(images[image : image + 1], list(texts))[0].float().cpu()
             scores.update(zip(((image, t) for t in texts), row.tolist()))
     return [torch.tensor([scores[q.image, t] for t in q.options]) for q in questions]

@@ -103,6 +103,8 @@ class StreamedData:
                              shuffle_buffer=cfg.data.shuffle_buffer, resample=cfg.data.resample, text_views=text_views)
         return StreamBatches(stream, counters, cfg.data.max_bad_fraction, pin_memory)
 
+    bad: tuple = ()  # images left out before training: none (unusable samples are counted as they stream)
+
     def summary(self) -> dict:
         return {"shards": len(self.urls)}
 

@@ -17,7 +17,12 @@ from vlpt.train.logging import MetricsLog
 
 
 class EvaluationFailed(RunError):
-    """The final evaluation failed; the run itself (its final checkpoint) is complete."""
+    """The final evaluation failed; the run itself (its final checkpoint) is complete. `detail` names the
+    failed tasks and why, `results` holds the metrics of the tasks that ran."""
+
+    def __init__(self, message: str, detail: str, results: dict):
+        super().__init__(message)
+        self.detail, self.results = detail, results
 
 
 class EvalPlan:
@@ -38,6 +43,15 @@ class EvalPlan:
                     except Exception as err:  # noqa: BLE001 - any reason a set cannot be opened
                         raise ConfigError(f"eval.tasks[{i}]: task {task!r} cannot open its data {spec!r}: {err}") from None
                 self.tasks.append((task, period))
+
+    def absent(self) -> str:
+        """Why the run has no evaluation ("" when it has tasks)."""
+        if self.tasks:
+            return ""
+        if not self.cfg.eval.tasks:
+            return "none: eval.tasks is empty"
+        return (f"none: eval.tasks=[auto] has no suite for data.source={self.cfg.data.source}; name tasks in "
+                f"eval.tasks (see `vlpt eval --help`)")
 
     def due(self, step: int, total: int) -> list[str]:
         """Tasks whose period divides `step`, except at the last step (the final evaluation runs them all)."""
@@ -88,5 +102,5 @@ class EvalPlan:
                       for flag, tasks in (("", model_failed), (" --ema", averaged_failed)) if tasks]
             detail = "; ".join(f"{t}: {m}" for t, m in failed.items())
             raise EvaluationFailed(f"the final evaluation failed ({detail}). The trained model is saved; "
-                                   f"evaluate it again with: {' and '.join(reruns)}")
+                                   f"evaluate it again with: {' and '.join(reruns)}", detail, results)
         return results

@@ -1,7 +1,10 @@
 """The run's two stopping rules for bad input and bad numbers, with the counters they keep."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+from tqdm import tqdm
 
 from vlpt.data.sources import BadDataError
 from vlpt.errors import RunError
@@ -13,8 +16,9 @@ class TrainingStopped(RunError):
 
 
 class BadImageBudget:
-    """Images found unreadable as batches are decoded (data.cache_images=false): this rank's counts; past
-    data.max_bad_fraction the run stops naming up to ten files (a rank that stops ends the torchrun group)."""
+    """Images found unreadable as batches are decoded (data.cache_images=false): this rank's counts, the
+    first ten different files named on the console; past data.max_bad_fraction the run stops naming them (a
+    rank that stops ends the torchrun group)."""
 
     def __init__(self, counters: dict, max_bad_fraction: float):
         self.counters, self.limit, self.names = counters, max_bad_fraction, []
@@ -23,7 +27,11 @@ class BadImageBudget:
         c = self.counters
         c["bad_images"] += len(bad)
         c["images"] += good + len(bad)
-        self.names += bad[: 10 - len(self.names)]
+        for name in bad:
+            if len(self.names) < 10 and name not in self.names:  # a file drawn again is not named again
+                more = "; further ones are only counted (metrics.jsonl, the summary)" if len(self.names) == 9 else ""
+                tqdm.write(f"warning: skipped an unreadable image at step {step}: {name}{more}", file=sys.stderr)
+                self.names.append(name)
         if not good or (c["bad_images"] > 1 and c["bad_images"] / c["images"] > self.limit):
             shown = "\n  ".join(self.names)
             raise BadDataError(f"{c['bad_images']} of {c['images']} images read by step {step} were unreadable, more "

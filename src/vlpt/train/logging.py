@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -18,7 +19,8 @@ class MetricsLog:
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:  # TensorBoard is optional
-                self.tb = None
+                print("note: TensorBoard is not installed, so the metrics go to metrics.jsonl only "
+                      "(pip install tensorboard for a tensorboard/ folder)", file=sys.stderr)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if not self.enabled:
@@ -44,11 +46,11 @@ class MetricsLog:
 
 
 class StepLog:
-    """The training rows of metrics.jsonl (every `every` steps and the last) and the progress bar's figures;
-    samples/s is measured over the steps since the last row."""
+    """The training rows of metrics.jsonl (every `every` steps and the last); samples/s is measured over the
+    steps since the last row."""
 
-    def __init__(self, log: MetricsLog, bar, every: int, total: int, samples_per_epoch: int | None, batch_size: int):
-        self.log, self.bar, self.every, self.total = log, bar, every, total
+    def __init__(self, log: MetricsLog, every: int, total: int, samples_per_epoch: int | None, batch_size: int):
+        self.log, self.every, self.total = log, every, total
         self.samples_per_epoch, self.batch_size = samples_per_epoch, batch_size
         self.since, self.samples = time.perf_counter(), 0
 
@@ -68,6 +70,4 @@ class StepLog:
                             bad_samples=counters["bad_samples"], samples_read=counters["samples"])
             if data:
                 self.log.write(step, "data", data)
-            self.bar.set_postfix(loss=f"{result.loss:.3f}", samples_s=f"{rate:.0f}")
             self.since, self.samples = time.perf_counter(), 0
-        self.bar.update(1)

@@ -11,26 +11,29 @@ from __future__ import annotations
 import math
 import signal
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from vlpt import config as config_lib
 from vlpt.config import Config, ConfigError
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
+from vlpt.progress import TrainProgress
 from vlpt.train import checkpoint, distributed
 from vlpt.train.data import make_tokenizer, training_source
-from vlpt.train.evaluation import EvalPlan
+from vlpt.train.evaluation import EvalPlan, EvaluationFailed
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
 from vlpt.train.logging import MetricsLog, StepLog
 from vlpt.train.optim import build_optimizer, warmup_cosine
 from vlpt.train.pretrainer import abilities, build
 from vlpt.train.resume import RunState, resume_checkpoint, seed_everything, trim_metrics
 from vlpt.train.signals import Interrupted, StopSignals
-from vlpt.train.step import StepParts, autocast_dtype, to_device, train_step
+from vlpt.train.step import StepParts, autocast_dtype, sum_over_ranks, to_device, train_step
+from vlpt.train.summary import RunSummary
 from vlpt.train.towers import check_sources
 
 
@@ -64,15 +67,38 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, last: Path | None) -> None:
         f.write(" ".join(sys.argv) + "\n")
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int | None = None, progress: bool = True) -> dict:
+def _draw_curves(run_dir: Path) -> Path | str:
+    """RUN/curves.png, or why it could not be drawn: a plot never costs a finished run."""
+    from vlpt.plot import plot_run
+
+    try:
+        return plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001 - reported in the summary; the run itself is complete
+        return f"not drawn: {type(err).__name__}: {err}"
+
+
+def _finish(summary: RunSummary, run_dir: Path, began: float, report: Callable[[str], None] | None) -> None:
+    """The main process's last words: curves.png, then the summary."""
+    summary.curves = _draw_curves(run_dir)
+    summary.total_seconds = time.perf_counter() - began
+    if report is not None:
+        report(summary.text())
+
+
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int | None = None, progress: bool = True,
+          report: Callable[[str], None] | None = None) -> dict:
     """Trains `cfg` into `run_dir`; returns the final evaluation metrics (empty when stopped early).
 
-    `stop_at` ends the run after that step, as an interruption would (tests use it for resume). Raises
+    `progress`: progress bars on a terminal, else a line every train.log_every_s seconds. At the end the
+    main process draws RUN/curves.png and hands the end-of-run summary (text) to `report`, also when the
+    final evaluation fails. `stop_at` ends the run after that step, as an interruption would (tests use it
+    for resume). Raises
     Interrupted on SIGTERM/SIGINT, TrainingStopped after train.max_nonfinite_steps non-finite steps in a
     row, BadDataError when more than data.max_bad_fraction of the input is unusable, ConfigError before
     any work for what the config alone cannot tell (e.g. an evaluation file that does not exist), and
     EvaluationFailed when the final evaluation fails after the final checkpoint was saved.
     """
+    began = time.perf_counter()
     device = distributed.setup()
     rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
     check_batch_split(cfg, world)
@@ -121,12 +147,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     log.write(start, "data", source.summary())
     bad_images = BadImageBudget(counters, cfg.data.max_bad_fraction)
     streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps, log)
-    bar = tqdm(total=steps, initial=start, disable=not (progress and main), desc=f"train {cfg.recipe}", unit="step",
-               dynamic_ncols=True)
-    step_log = StepLog(log, bar, cfg.train.log_every, steps, source.size, cfg.train.batch_size)
+    step_log = StepLog(log, cfg.train.log_every, steps, source.size, cfg.train.batch_size)
     eval_model = Model(module.model, tokenizer, device, module.objectives)
     averaged = Model(module.ema.module, tokenizer, device, module.objectives) if module.ema is not None else None  # train.ema
     module.train()
+    watch = TrainProgress(f"train {cfg.recipe}", start, steps, cfg.train.log_every_s, show=progress and main)
     try:
         with StopSignals() as signals:
             it = batches.iterate(start, steps)
@@ -139,6 +164,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                 result = train_step(parts, batch, done, steps, flags=signals.flags)
                 streak.add(result.updated, done, state.newest)  # no checkpoint is written during a streak
                 step_log(done, result, len(batch["text"]) * world, scheduler.get_last_lr()[0], counters)
+                watch.update(done, result.loss, len(batch["text"]) * world)
                 if streak.length == 0 and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 \
                         and done != steps:
                     state.save(done)
@@ -150,10 +176,24 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                     raise Interrupted(signal.SIGTERM if term else signal.SIGINT, done, state.newest)
                 if stop_at is not None and done >= stop_at:
                     return {}
-        bar.close()
+        watch.close()
         if start < steps:  # a resumed finished run already has its final checkpoint
             state.save(steps)
-        return evaluation.final(eval_model, steps, log, progress, run_dir, averaged)
+        summary = RunSummary(
+            cfg.recipe, run_dir, start, steps, train_seconds=watch.seconds, samples=watch.samples,
+            final_loss=watch.final_loss, checkpoint=state.newest, images_left_out=len(source.bad),
+            image_reads_skipped=sum_over_ranks(device, counters["bad_images"])[0],
+            nonfinite_steps=counters["nonfinite_steps"])
+        try:
+            summary.results = evaluation.final(eval_model, steps, log, progress, run_dir, averaged)
+            summary.eval_note = evaluation.absent()
+        except EvaluationFailed as err:  # raised on the main process only
+            summary.results, summary.eval_note = err.results, f"failed: {err.detail}"
+            _finish(summary, run_dir, began, report)
+            raise
+        if main:
+            _finish(summary, run_dir, began, report)
+        return summary.results
     finally:
-        bar.close()
+        watch.close()
         log.close()
