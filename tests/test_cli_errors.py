@@ -217,6 +217,7 @@ def test_overrides_after_options_and_version(ws, capsys):
     out = ws.parent / "after"
     assert cli_main(["train", "clip", "--out", str(out), "--quiet", *MICRO, f"data=csv:{ws / 'good.csv'}"]) == 0
     assert checkpoint.find(out).name == "step-00000002"
+    capsys.readouterr()
     with pytest.raises(SystemExit) as stop:
         cli_main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"vlpt {vlpt.__version__}"
