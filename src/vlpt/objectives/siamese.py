@@ -41,18 +41,30 @@ class Siamese(Objective):
         return cls.needs | views
 
     def forward(self, outputs: dict, batch: dict) -> tuple[torch.Tensor, dict]:
-        img = [self.image_head(outputs["image_pooled"])]
-        txt = [self.text_head(outputs["text_features"])]
-        if self.opts.views:
-            img += per_view(self.image_head, outputs["image_pooled@image_views"]).unbind(0)
-            txt += per_view(self.text_head, outputs["text_features@text_views"]).unbind(0)
+        img, txt = projections(self.image_head, self.text_head, outputs, self.opts.views)
+        return self.pair_loss(img, txt, img, txt)
+
+    def pair_loss(self, img: list, txt: list, t_img: list, t_txt: list) -> tuple[torch.Tensor, dict]:
+        """The image's prediction against the caption's target projection and the other way round, over the
+        global pair (index 0) and every (image view, text view) pair. SimSiam's targets are the projections
+        themselves; BYOL's come from a target network."""
         p_img, p_txt = [self.image_to_text(z) for z in img], [self.text_to_image(z) for z in txt]
         pairs = [(0, 0)] + [(i, j) for i in range(1, len(img)) for j in range(1, len(txt))]
         with fp32(img[0]):
-            terms = [d for i, j in pairs for d in (negative_cosine(p_img[i].float(), txt[j].float()),
-                                                   negative_cosine(p_txt[j].float(), img[i].float()))]
+            terms = [d for i, j in pairs for d in (negative_cosine(p_img[i].float(), t_txt[j].float()),
+                                                   negative_cosine(p_txt[j].float(), t_img[i].float()))]
         return torch.stack(terms).mean(), {"global": ((terms[0] + terms[1]) / 2).detach()}
 
+
+def projections(image_head, text_head, outputs: dict, views: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """([global image, image view 1, ...], [global caption, text view 1, ...]) through the projectors, each
+    [B, dim]; each view goes through a head on its own, so each batch norm sees one view's batch."""
+    img = [image_head(outputs["image_pooled"])]
+    txt = [text_head(outputs["text_features"])]
+    if views:
+        img += per_view(image_head, outputs["image_pooled@image_views"]).unbind(0)
+        txt += per_view(text_head, outputs["text_features@text_views"]).unbind(0)
+    return img, txt
 
 def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """2 - 2 * mean cos(p, z), z a target (no gradient)."""
