@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from vlpt.models.outputs import output_width
 from vlpt.objectives.base import Objective, fp32
-from vlpt.objectives.masked import MaskedDecoder, check_options, dropped, pixel_loss, random_keep, sincos, sincos_grid
+from vlpt.objectives.masked import (DecoderOptions, MaskedDecoder, check_options, dropped, pixel_loss, random_keep,
+                                    sincos, sincos_grid)
 
 
 class M3AE(Objective):
@@ -25,15 +26,11 @@ class M3AE(Objective):
     sets = frozenset({"image_keep", "text_keep"})
 
     @dataclasses.dataclass
-    class Options:
+    class Options(DecoderOptions):
         image_mask_ratio: float = 0.75
         text_mask_ratio: float = 0.75
         text_weight: float = 0.1  # M3AE's default (its CC12M run: 0.5)
         norm_pix: bool = False
-        # M3AE's decoder: 8 blocks of width 512, 16 heads (recipes for small encoders set a lighter one)
-        decoder_depth: int = 8
-        decoder_width: int = 512
-        decoder_heads: int = 16
 
     @classmethod
     def parse_options(cls, options: dict, prefix: str = "options"):

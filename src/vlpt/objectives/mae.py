@@ -14,7 +14,7 @@ import torch
 
 from vlpt.models.outputs import output_width
 from vlpt.objectives.base import Objective
-from vlpt.objectives.masked import MaskedDecoder, check_options, pixel_loss, random_keep, sincos_grid
+from vlpt.objectives.masked import DecoderOptions, MaskedDecoder, check_options, pixel_loss, random_keep, sincos_grid
 
 
 class MAE(Objective):
@@ -22,13 +22,9 @@ class MAE(Objective):
     sets = frozenset({"image_keep"})
 
     @dataclasses.dataclass
-    class Options:
+    class Options(DecoderOptions):
         mask_ratio: float = 0.75
         norm_pix: bool = True
-        # MAE's decoder: 8 blocks of width 512, 16 heads (recipes for small encoders set a lighter one)
-        decoder_depth: int = 8
-        decoder_width: int = 512
-        decoder_heads: int = 16
 
     @classmethod
     def parse_options(cls, options: dict, prefix: str = "options"):

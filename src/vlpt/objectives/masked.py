@@ -6,6 +6,8 @@ positions (at least one); the rest are masked.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -99,6 +101,16 @@ class MaskedDecoder(nn.Module):
         mask = None if attend is None else attend[:, None, None, :]
         x = self.ln(self.transformer(torch.cat(xs, dim=1), mask))
         return [head(part) for head, part in zip(self.heads, x.split([s.shape[1] for s in xs], dim=1))]
+
+
+@dataclasses.dataclass
+class DecoderOptions:
+    """The light decoder's shape, an option of every masking objective. MAE's and M3AE's: 8 blocks of width
+    512, 16 heads (recipes for small encoders set a lighter one)."""
+
+    decoder_depth: int = 8
+    decoder_width: int = 512
+    decoder_heads: int = 16
 
 
 def check_options(opts, prefix: str, ratios: tuple[str, ...]) -> None:
