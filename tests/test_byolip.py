@@ -16,14 +16,6 @@ from vlpt.train.pretrainer import build
 VOCAB = Vocab(64)
 
 
-@pytest.fixture(autouse=True)
-def torch_settings():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 def by_hand(head: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
     """A Linear / BatchNorm1d (batch statistics, biased variance) / ReLU stack, written out."""
     for layer in head:

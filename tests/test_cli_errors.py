@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import vlpt
@@ -18,14 +17,6 @@ from vlpt.train import checkpoint
 
 MICRO = ["model=micro", "train.batch_size=4", "train.steps=2", "train.warmup_steps=0", "eval.tasks=[]",
          "train.threads=1"]
-
-
-@pytest.fixture(autouse=True)
-def torch_settings():
-    """train() sets threads process-wide; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def picture(path: Path, k: int) -> str:

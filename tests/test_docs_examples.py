@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vlpt import cli, config
@@ -159,13 +158,6 @@ def sandbox(tmp_path_factory):
         shutil.copytree(f"runs/{recipe}", f"runs/{alias}")
     yield work, shared
     os.chdir(old)
-
-
-@pytest.fixture(autouse=True)
-def torch_settings():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def runnable(example: str) -> str | None:

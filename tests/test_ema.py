@@ -26,15 +26,6 @@ MICRO = ["model=micro", "data=scenes:test", "train.batch_size=8", "train.warmup_
 BYOLIP = MICRO + ["objectives.byol.hidden=16", "objectives.byol.dim=8", "train.ema=0.9"]
 
 
-@pytest.fixture(autouse=True)
-def torch_settings():
-    """train() sets threads and deterministic algorithms process-wide; later tests get theirs back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 def toy() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))

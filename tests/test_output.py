@@ -24,14 +24,6 @@ PNG = b"\x89PNG\r\n\x1a\n"
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200), "yellow": (200, 200, 30)}
 
 
-@pytest.fixture(autouse=True)
-def torch_settings():
-    """train() sets threads process-wide; later tests get theirs back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def table(folder: Path, n: int = 16, corrupt: int = 0) -> Path:
     """A captions CSV of n small coloured pictures, the first `corrupt` of them unreadable."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -64,15 +64,6 @@ def assert_same(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(autouse=True)
-def torch_settings():
-    """train() sets threads and deterministic algorithms process-wide; later tests get theirs back."""
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return table(tmp_path_factory.mktemp("data"))
