@@ -357,10 +357,10 @@ def _import_weights(args) -> int:
 
 
 def format_results(results: dict, title: str = "") -> str:
+    from vlpt.train.summary import metric_lines
+
     width = max((len(k) for k in results), default=10)
-    lines = [title, "-" * (width + 12)] if title else []
-    lines += [f"{k:<{width}}  {v:8.2f}" for k, v in results.items()]
-    return "\n".join(lines)
+    return "\n".join(([title, "-" * (width + 12)] if title else []) + metric_lines(results))
 
 
 class Parser(argparse.ArgumentParser):

@@ -50,6 +50,10 @@ class RunSummary:
         note += " [...]" if more else ""
         rows.append(("evaluation", "; ".join(x for x in (ran_at, note) if x) or "none"))
         lines = [f"{self.recipe}: run summary"] + [f"  {k:<12}{v}" for k, v in rows]
-        width = max((len(k) for k in self.results), default=0)
-        lines += [f"    {k:<{width}}  {v:8.2f}" for k, v in self.results.items()]
-        return "\n".join(lines)
+        return "\n".join(lines + metric_lines(self.results, "    "))
+
+
+def metric_lines(results: dict, indent: str = "") -> list[str]:
+    """One aligned line per metric: the end-of-run summary's table and `vlpt eval`'s."""
+    width = max((len(k) for k in results), default=0)
+    return [f"{indent}{k:<{width}}  {v:8.2f}" for k, v in results.items()]
