@@ -4,7 +4,9 @@ One step = `vlpt.train.step.train_step` (forward, the recipe's losses, backward,
 objectives' hooks) on a fixed random batch (no data loading), as ../shared/peers/open_clip/bench.py does for
 open_clip, so the two can be run A/B on the same shapes.
 MFU = (FLOPs of one step, counted by torch.utils.flop_counter) / step time / the machine's matmul peak,
-measured here with a large matmul in the training dtype (not a datasheet number).
+measured here with square matmuls in the training dtype, best size (vlpt.bench.matmul_peak; not a datasheet
+number). `vlpt bench` measures the same step and more; this script keeps the flags of earlier results
+(--caption-tokens: padded captions).
 
   python benchmarks/throughput.py --preset tiny-clip --batch 64 --precision bf16
 """
@@ -19,26 +21,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import vlpt.train.flops  # noqa: F401 - counts the CPU attention kernel too
+
 from vlpt import config
+from vlpt.bench import matmul_peak
 from vlpt.data.tokenizer import Vocab
 from vlpt.train.optim import build_optimizer
 from vlpt.train.pretrainer import build
 from vlpt.train.step import StepParts, autocast_dtype, train_step
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, repeats: int = 10) -> float:
-    """Best observed FLOP/s of an n x n x n matmul."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def main() -> None:
@@ -98,7 +88,7 @@ def main() -> None:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     med = statistics.median(times)
-    peak = matmul_peak(amp or torch.float32, device)
+    peak = matmul_peak(amp or torch.float32, device)[0]
     mem_mb = (torch.cuda.max_memory_allocated() if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     res = {

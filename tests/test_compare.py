@@ -37,6 +37,48 @@ def test_plan_gives_every_recipe_one_budget_seeds_and_the_union_suite():
         runs.plan(["clip"], SMALL + ["train.steps=5"], samples=64, seeds=1, multiples=[1.0], points=2)
 
 
+def test_with_blind_plans_each_captioners_twin_first_and_gives_it_to_the_compositional_tasks(tmp_path):
+    tasks = "eval.tasks=[swaps:scenes,zeroshot:scenes:shape,linear_probe:scenes:shape:train]"
+    planned = runs.plan(["clip", "coca"], SMALL + [tasks], samples=64, seeds=2, multiples=[1.0], points=2,
+                        runs_dir=tmp_path, with_blind=True)
+    assert [r.name for r in planned] == ["clip-seed0", "clip-seed1", "coca-blind-seed0", "coca-seed0",
+                                         "coca-blind-seed1", "coca-seed1"]  # a twin trains before its recipe
+    twin, coca, clip = planned[2], planned[3], planned[0]
+    assert twin.cfg.recipe == "coca-blind" and twin.cfg.model.decoder.blind
+    assert list(twin.cfg.objectives) == ["captioning"] and twin.cfg.eval.tasks == []  # CoCa's contrastive half goes
+    assert (twin.cfg.train.samples, twin.cfg.train.seed) == (coca.cfg.train.samples, coca.cfg.train.seed) == (64, 0)
+    by_kind = {t.task.partition(":")[0]: t for t in coca.cfg.eval.tasks}
+    assert by_kind["swaps"].task == f"swaps:scenes:blind={tmp_path.resolve() / 'coca-blind-seed0'}"
+    assert by_kind["zeroshot"].task == "zeroshot:scenes:shape"  # only likelihood-scored choices get the control
+    assert by_kind["linear_probe"].every_steps == 0 and by_kind["swaps"].every_steps is None  # probes at the end
+    assert "blind=" not in " ".join(t.task for t in clip.cfg.eval.tasks)  # clip has no twin
+
+
+def test_flops_budget_gives_each_recipe_the_samples_its_counted_cost_allows():
+    from vlpt import config
+    from vlpt.data.tokenizer import Vocab
+    from vlpt.train.flops import step_flops
+
+    # one more ViT block costs 3x its forward (backward: 2x), attention's backward counted as flash
+    # computes it (the scores recomputed: 2.5x): 24 W^2 N + 4 N^2 W forward per sample, N = 16 patches + [CLS]
+    def per_sample(depth):
+        cfg = config.resolve("clip", ["model=micro", "train.samples=8", f"model.vision.depth={depth}"])
+        return step_flops(cfg, Vocab(100), batch=8) / 8
+
+    w, n = 64, 17
+    assert per_sample(3) - per_sample(2) == pytest.approx(3 * 24 * w * w * n + 3.5 * 4 * n * n * w, rel=1e-6)
+    flops = 2e9
+    planned = runs.plan(["clip", "bow-prediction"], SMALL, samples=None, flops=flops, seeds=1, multiples=[1, 2],
+                        points=2)
+    spent = {r.name: (r.cfg.train.samples, r.flops) for r in planned}
+    for name, (samples, budget) in spent.items():
+        assert budget["flops"] == flops * (2 if "-x2-" in name else 1)
+        assert samples == round(budget["flops"] / budget["flops_per_sample"])
+    # bag-of-words prediction has no text tower: it sees more samples for the same FLOPs
+    assert spent["bow-prediction-seed0"][0] > spent["clip-seed0"][0]
+    assert spent["clip-x2-seed0"][0] == pytest.approx(2 * spent["clip-seed0"][0], abs=1)
+
+
 def test_a_win_needs_a_gap_larger_than_the_seeds_spread():
     a, b, c = summarize([1.0, 2.0, 3.0]), summarize([5.0, 6.0, 7.0]), summarize([3.0, 4.0, 5.0])
     assert (a.mean, a.std, a.n) == (2.0, 1.0, 3)
@@ -107,7 +149,10 @@ def test_compare_writes_table_plots_and_html_without_retraining(compared):
     assert {"cap", "clip", "*chance*"} <= set(rows)
     assert "*20.00*" in rows["*chance*"]  # five shapes
     assert re.search(r"\| clip \| .*\d+\.\d\d ± \d+\.\d\d", table)  # mean ± std over 2 seeds
-    assert re.search(r"\| clip \| — \[\d\]", table) and "needs a caption decoder" in table  # blank cell, reason
+    # a task a model cannot run is no row of blanks but one line under its table
+    captioner = table[table.index("#### zeroshot_captioner:scenes:shape"):]
+    captioner = captioner[:captioner.find("####", 5)]
+    assert "Not applicable (the model cannot run this task): clip." in captioner and "| clip |" not in captioner
     summary = json.loads((out / "summary.json").read_text())
     clip = summary["clip@32"]["zeroshot:scenes:shape/top1"]
     seeds = [json.loads((out / "runs" / f"clip-seed{s}" / "results.json").read_text()) for s in (0, 1)]
@@ -145,12 +190,12 @@ def test_interrupted_compare_resumes_and_report_rebuilds_the_same_table(compared
 
 def test_compare_and_report_mistakes_are_one_line_errors(tmp_path, capsys):
     assert cli_main(["compare", "clip", "--out", str(tmp_path / "x")]) == 2
-    assert cli_main(["compare", "clip", "--flops", "1e12", "--out", str(tmp_path / "x")]) == 2
+    assert cli_main(["compare", "clip", "--budget", "32", "--flops", "1e12", "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["compare", "clip", "--budget", "32", "--budgets", "1,two", "--out", str(tmp_path / "x")]) == 2
     assert cli_main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
-    assert "--budget SAMPLES" in err[0] and "not implemented" in err[1] and "neither a run folder" in err[3]
+    assert "--budget SAMPLES" in err[0] and "one budget" in err[1] and "neither a run folder" in err[3]
     assert not (tmp_path / "x").exists()  # nothing written
 
 
@@ -185,16 +230,18 @@ def test_html_report_opens_in_headless_chromium_with_every_image(compared):
     assert errors == []
 
 
-def _fake_run(folder: Path, recipe: str, samples: int, seed: int, top1: float) -> Path:
+def _fake_run(folder: Path, recipe: str, samples: int, seed: int, top1: float | None,
+              metric: dict | None = None, tasks: str = "zeroshot:scenes:shape", name: str | None = None) -> Path:
     """A finished run folder as `vlpt train` leaves it, with made-up results (no training)."""
     from vlpt import config
 
     cfg = config.resolve(recipe, ["model=micro", f"train.samples={samples}", f"train.seed={seed}",
-                                  "train.batch_size=16", "eval.tasks=[zeroshot:scenes:shape]"])
-    run = folder / f"{recipe}-{samples}-seed{seed}"
+                                  "train.batch_size=16", f"eval.tasks=[{tasks}]"])
+    cfg.recipe = name or cfg.recipe
+    run = folder / f"{cfg.recipe}-{samples}-seed{seed}"
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(config.dump(cfg))
-    metric = {"zeroshot:scenes:shape/top1": top1}
+    metric = metric if metric is not None else {"zeroshot:scenes:shape/top1": top1}
     (run / "results.json").write_text(json.dumps(metric))
     steps = samples // 16
     (run / "metrics.jsonl").write_text(json.dumps({"step": steps, "kind": "train", "loss": 1.0}) + "\n" +
@@ -217,3 +264,45 @@ def test_report_of_a_scaling_study_states_where_the_curves_cross(tmp_path):
     assert found and float(found.group(1).replace(",", "")) == pytest.approx(1e4, rel=0.05)
     assert (tmp_path / "rep" / "plots" / "scaling-zeroshot-scenes-shape-top1.png").exists()
     assert "### 64,000 samples seen" in text  # one table per budget
+
+
+def test_report_sets_controls_beside_the_score_they_qualify_and_ranks_only_the_models_own(tmp_path):
+    folder = tmp_path / "runs"
+    twin = "swaps:scenes:blind=/elsewhere/cap-blind-seed0"  # the twin's path is no part of the metrics' names
+    for seed in (0, 1):
+        _fake_run(folder, "cap", 64, seed, None, {
+            "swaps:scenes/objects/macro/likelihood": 80.0 + seed, "swaps:scenes/objects/macro/blank_image": 90.0,
+            "swaps:scenes/objects/macro/blind": 95.0, "swaps:scenes/objects/macro/length_baseline": 50.0,
+            "zeroshot_captioner:scenes:shape/top1": 30.0 + seed}, tasks=f"{twin},zeroshot_captioner:scenes:shape")
+        _fake_run(folder, "clip", 64, seed, None, {"swaps:scenes/objects/macro/cosine": 60.0 + seed,
+                                                   "zeroshot:scenes:shape/top1": 40.0 + seed},
+                  tasks="swaps:scenes,zeroshot:scenes:shape")
+        _fake_run(folder, "cap", 64, seed, None, {}, tasks="", name="cap-blind")  # a twin: no results
+    assert cli_main(["report", str(folder.parent), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "trained as controls and not evaluated themselves" in text and "cap-blind." in text
+    swaps = text[text.index("#### swaps:scenes"):]
+    swaps = swaps[:swaps.index("####", 5)]
+    rows = [line for line in swaps.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split("|")[1:3] for r in rows[1:]] == [
+        [" cap ", " likelihood "], [" cap ", " *blank image (control)* "], [" cap ", " *blind twin (control)* "],
+        [" cap ", " *shorter text (control)* "], [" clip ", " cosine "]]
+    # the blank image (90) and the blind twin (95) beat the likelihood (80): shown in italics, never bold
+    assert "**80.50 ± 0.71**" in rows[1] and "*95.00 ± 0.00*" in rows[3] and "**95" not in swaps
+    assert "objects/macro: cap (likelihood) wins over clip (cosine)." in swaps
+    figure = text[text.index("## Zero-shot against samples seen"):]
+    assert "plots/zero-shot.png" in figure and (tmp_path / "rep" / "plots" / "zero-shot.png").exists()
+
+
+def test_report_of_a_flops_budget_names_the_flops_and_each_recipes_samples(tmp_path):
+    folder = tmp_path / "runs"
+    for recipe, samples in (("clip", 64), ("bow-prediction", 128)):
+        for seed in (0, 1):
+            run = _fake_run(folder, recipe, samples, seed, 50.0 + seed)
+            (run / "budget.json").write_text(json.dumps({"flops": 1e9, "flops_per_sample": 1e9 / samples}))
+    assert cli_main(["report", str(folder.parent), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert "### 1e+09 training FLOPs (2 seed(s) per recipe)" in text
+    assert "Samples seen at this budget: bow-prediction 128, clip 64" in text
+    (folder / "clip-64-seed0" / "budget.json").unlink()
+    assert cli_main(["report", str(folder.parent), "--out", str(tmp_path / "rep2")]) == 2  # mixed budgets

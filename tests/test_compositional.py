@@ -345,6 +345,8 @@ def test_the_blind_twin_is_a_column_of_likelihood_results(runs):
     task = f"sugarcrepe:{root / 'sc'}:blind={paths['blind']}"
     r = run_task(task, cap, progress=False)
     assert {k.rsplit("/", 1)[1] for k in r} == {"likelihood", "blank_image", "blind", "length_baseline"}
+    # the twin's path is left out of the metrics' names: seeds of a comparison, each with its own twin, share them
+    assert all(k.startswith(f"sugarcrepe:{root / 'sc'}/") for k in r), sorted(r)[:2]
     with pytest.raises(TaskError, match="not a blind captioner"):
         run_task(f"sugarcrepe:{root / 'sc'}:blind={paths['cap']}", cap, progress=False)
     with pytest.raises(TaskError, match="no caption decoder"):

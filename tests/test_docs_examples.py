@@ -92,7 +92,7 @@ EXAMPLES = all_examples()
 def test_the_docs_have_examples_of_every_command():
     commands = {argv_of(ex)[0] for _, ex in EXAMPLES if argv_of(ex)}
     assert commands >= {"train", "eval", "caption", "demo", "data", "export", "import-weights", "recipes",
-                        "compare", "report"}, commands
+                        "compare", "report", "bench"}, commands
 
 
 @pytest.mark.parametrize("example", [ex for _, ex in EXAMPLES], ids=[i for i, _ in EXAMPLES])
@@ -109,7 +109,8 @@ def test_example_parses(example):
         from vlpt.compare.runs import plan
 
         recipes = [x for x in args.overrides if not cli.OVERRIDE.match(x)]
-        plan(recipes, [x for x in args.overrides if cli.OVERRIDE.match(x)], args.budget, 1, [1.0], args.points)
+        plan(recipes, [x for x in args.overrides if cli.OVERRIDE.match(x)], args.budget, 1, [1.0], args.points,
+             with_blind=args.with_blind, flops=args.flops)
     for task in getattr(args, "task", None) or []:
         parse_task(task)
 
@@ -183,6 +184,9 @@ def test_example_runs(example, sandbox, monkeypatch, tmp_path):
             [str(out) if argv[i - 1] == "--out" else a for i, a in enumerate(argv)]
         if "--resume" in argv:
             shutil.copytree(work / "runs" / "clip", out)
+    if argv[0] == "bench":  # every part, on a micro model for one timed step
+        argv = [a for a in argv if not BUDGET.match(a)] + ["model=micro", "train.batch_size=4", "--steps", "1",
+                                                           "--warmup", "1"]
     if argv[0] == "export":
         shutil.rmtree(work / argv[2], ignore_errors=True)
         argv[1] = "runs/clip"  # a CLIP model: the HF format has no caption decoder

@@ -162,3 +162,14 @@ def test_load_scenes():
     assert len(scenes.load_scenes("relation", n=4)) == 4
     with pytest.raises(ValueError, match="colour_shape"):
         scenes.load_scenes("nope")
+
+
+def test_probe_splits_train_on_other_images_with_the_test_sets_labels():
+    train, test = scenes.load_scenes("colour_shape:train", n=80), scenes.load_scenes("colour_shape:test", n=80)
+    assert (train.name, test.name, train.num_images) == ("scenes:colour_shape:train", "scenes:colour_shape:test", 80)
+    assert train.classnames == test.classnames == scenes.scenes_set("colour_shape").classnames
+    assert test.load.array.tobytes() == scenes.scenes_set("colour_shape", n=80).load.array.tobytes()  # the same set
+    assert not {x.tobytes() for x in train.load.array} & {x.tobytes() for x in test.load.array}  # other images
+    assert scenes.load_scenes("shape:train").num_images == scenes.PROBE_TRAIN_IMAGES
+    with pytest.raises(ValueError, match=":train"):
+        scenes.load_scenes("relation:train")

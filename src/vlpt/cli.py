@@ -1,4 +1,4 @@
-"""`vlpt train|eval|compare|report|caption|demo|data|export|import-weights|recipes`: the command line.
+"""`vlpt train|eval|compare|report|bench|caption|demo|data|export|import-weights|recipes`: the command line.
 
 A user's mistake ends in one line, `error: ...`, exit status 2 (command line, config) or 1 (data,
 checkpoint, run); `--debug` or VLPT_DEBUG=1 shows the traceback instead. Anything else is a bug and keeps
@@ -44,7 +44,7 @@ CAPTION_EXAMPLES = """examples:
 
 DATA_HELP = """data specs (data=SPEC in training, DATA in evaluation tasks):
   scenes[:SPLIT]            built-in compositional scenes; SPLIT: train, test, colour, shape, colour_shape,
-                            relation
+                            relation; colour_shape:train/:test (likewise colour, shape): a probe's sets
   flickr8k[:PATH][:SPLIT]   Flickr8k layout (captions.txt + split files); SPLIT: train, dev, test, all
   csv:PATH | tsv:PATH       a captions table: a header line naming an image and a caption column
   coco:JSON[:IMAGE_ROOT]    COCO captions JSON
@@ -155,12 +155,16 @@ COMPARE_EXAMPLES = """examples:
   vlpt compare clip cap model=micro --budget 2048 --seeds 2 --out runs/cmp   # a table, plots, report.html
   vlpt compare clip siglip cap coca --budget 100000 --out runs/cmp4          # 3 seeds each (default)
   vlpt compare clip cap --budget 20000 --budgets 1,2,4,8,16 --out runs/scaling   # scaling fits
+  vlpt compare clip cap bow-prediction model=micro --flops 2e11 --seeds 1 --out runs/cmp-flops  # equal FLOPs
+  vlpt compare clip cap model=micro --budget 2048 --with-blind --seeds 1 'eval.tasks=[swaps:scenes]' --out runs/cmp-blind
 
-Every recipe trains on the same data, model preset, seeds and budget (train.samples = --budget; the recipes'
-own steps/epochs are replaced) and is evaluated with one suite: the union of the recipes' `auto` tasks, or
-eval.tasks=[...] as given; a task a recipe cannot run is a blank cell with the reason. Runs go to
-OUT/runs/RECIPE-seedS; finished runs are not retrained and an interrupted compare resumes where it stopped.
-A difference is called a win only when the seeds' intervals mean +- std do not overlap."""
+Every recipe trains on the same data, model preset, seeds and budget (train.samples = --budget, or with
+--flops each recipe's samples from its training FLOPs per sample, counted once; the recipes' own
+steps/epochs are replaced) and is evaluated with one suite: the union of the recipes' `auto` tasks, or
+eval.tasks=[...] as given (probes only at the end); a task a recipe cannot run is a blank cell with the
+reason. Runs go to OUT/runs/RECIPE-seedS (blind twins: RECIPE-blind-seedS); finished runs are not
+retrained and an interrupted compare resumes where it stopped. A difference is called a win only when the
+seeds' intervals mean +- std do not overlap."""
 
 REPORT_EXAMPLES = """examples:
   vlpt report runs/cmp --out runs/cmp-report               # rebuild the report of a compare
@@ -171,10 +175,6 @@ def _compare(args) -> int:
     from vlpt.compare import report, runs
     from vlpt.train.signals import Interrupted
 
-    if args.flops is not None:
-        raise UsageError("--flops is not implemented yet; give the budget in samples seen with --budget SAMPLES")
-    if args.budget is None:
-        raise UsageError("vlpt compare needs a budget: --budget SAMPLES (samples seen by every recipe)")
     recipes = [x for x in args.overrides if not OVERRIDE.match(x)]
     overrides = [x for x in args.overrides if OVERRIDE.match(x)]
     try:
@@ -183,7 +183,8 @@ def _compare(args) -> int:
         raise UsageError(f"--budgets {args.budgets}: give multiples of --budget separated by commas, "
                          f"e.g. 1,2,4") from None
     out = Path(args.out)
-    planned = runs.plan(recipes, overrides, args.budget, args.seeds, multiples, args.points)
+    planned = runs.plan(recipes, overrides, args.budget, args.seeds, multiples, args.points, out / "runs",
+                        args.with_blind, args.flops)
     try:
         failed = runs.train_all(planned, out / "runs", progress=not args.quiet)
     except Interrupted as stop:  # the run in progress saved its last step; finished runs stay finished
@@ -200,6 +201,32 @@ def _compare(args) -> int:
     for name, message in failed.items():
         print(f"error: {name}: {one_line(message)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+BENCH_EXAMPLES = """examples:
+  vlpt bench clip model=micro --parts step                  # samples/s, peak memory, FLOPs, MFU of one step
+  vlpt bench coca model=tiny-clip train.batch_size=64 train.precision=bf16 --vocab 49408 --json bench.json
+  vlpt bench clip model=micro train.batch_size=32 --parts data,loop,eval
+
+The step runs on a fixed random batch (as ../shared/peers/open_clip/bench.py does for open_clip); MFU is
+against the best square matmul measured here in the training dtype. docs/results.md quotes these numbers."""
+
+
+def _bench(args) -> int:
+    from vlpt import bench
+    from vlpt import config as config_lib
+
+    parts = args.parts.split(",") if args.parts else list(bench.PARTS)
+    unknown = [p for p in parts if p not in bench.PARTS]
+    if unknown:
+        raise UsageError(f"--parts {args.parts}: unknown part {unknown[0]!r}; parts: {', '.join(bench.PARTS)}")
+    cfg = config_lib.resolve(args.recipe, args.overrides)
+    results = bench.run(cfg, parts, args.vocab, args.warmup, args.steps,
+                        report=(lambda text: print(text, file=sys.stderr)) if args.json == "-" else print)
+    if args.json:
+        text = json.dumps(results, indent=1)
+        print(text) if args.json == "-" else Path(args.json).write_text(text + "\n")
+    return 0
 
 
 def _report(args) -> int:
@@ -412,7 +439,10 @@ def parser() -> Parser:
     cm.add_argument("overrides", nargs="+", metavar="RECIPE|key=value",
                     help="recipes (names or YAML paths), then config overrides for all of them, e.g. model=micro")
     cm.add_argument("--budget", type=int, metavar="SAMPLES", help="samples seen by every recipe (train.samples)")
-    cm.add_argument("--flops", type=float, help="a budget in FLOPs (not implemented yet)")
+    cm.add_argument("--flops", type=float, metavar="F", help="or: training FLOPs of every recipe, e.g. 5e12 "
+                    "(each recipe's samples from its FLOPs per sample, counted once)")
+    cm.add_argument("--with-blind", action="store_true", help="also train each captioner's blind twin (no image "
+                    "input): a control column of its order/swaps/sugarcrepe results")
     cm.add_argument("--budgets", metavar="M1,M2,...", help="a scaling study: multiples of --budget, e.g. 1,2,4")
     cm.add_argument("--seeds", type=int, default=3, help="seeds per recipe (default 3): train.seed, +1, ...")
     cm.add_argument("--points", type=int, default=4,
@@ -427,6 +457,17 @@ def parser() -> Parser:
     rp.add_argument("--out", required=True, help="report folder: report.md, report.html, plots/, summary.json")
     rp.add_argument("--bootstrap", type=int, default=200, help="bootstrap fits for scaling intervals (default 200)")
     rp.set_defaults(fn=_report)
+
+    b = command("bench", "measure a recipe's training and evaluation speed here", epilog=BENCH_EXAMPLES)
+    b.add_argument("recipe", help="recipe name or YAML path")
+    b.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model=tiny-clip "
+                   "train.batch_size=64 train.precision=bf16 train.compile=true")
+    b.add_argument("--parts", help=f"comma-separated, of {', '.join(('step', 'data', 'loop', 'eval'))} (default all)")
+    b.add_argument("--vocab", type=int, help="vocabulary size (default: what the recipe's data gives its tokenizer)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed steps first (default 5)")
+    b.add_argument("--steps", type=int, default=15, help="timed steps; the median is reported (default 15)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON (- : stdout, tables to stderr)")
+    b.set_defaults(fn=_bench)
 
     c = command("caption", "print captions for images (Cap, CapPa, CoCa runs)", epilog=CAPTION_EXAMPLES)
     c.add_argument("checkpoint", help="run folder, checkpoint folder or model.safetensors")

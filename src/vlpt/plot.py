@@ -60,6 +60,9 @@ def curves_figure(rows: list[dict], title: str = ""):
     return fig
 
 
+MAX_EVAL_LINES = 12
+
+
 def _evaluation(ax, steps_ax, rows: list[dict], colours) -> None:
     evals = [r for r in rows if r.get("kind") == "eval"]
     keys = sorted({k for r in evals for k in r} - {"step", "kind"})
@@ -67,6 +70,9 @@ def _evaluation(ax, steps_ax, rows: list[dict], colours) -> None:
         ax.set_title("evaluation", fontsize=10)
         ax.text(0.5, 0.5, "no evaluation rows", ha="center", va="center", transform=ax.transAxes)
         return
+    shown = f"evaluation ({MAX_EVAL_LINES} of {len(keys)} metrics; all in metrics.jsonl)" \
+        if len(keys) > MAX_EVAL_LINES else "evaluation"
+    keys = keys[:MAX_EVAL_LINES]  # more lines than this make an unreadable legend that squeezes the axes away
     at = {r["step"] for r in evals}
     if len(at) == 1:  # one point per metric reads better as a labelled bar than as a dot at the last step
         values = [_series(rows, "eval", k)[1][-1] for k in keys]
@@ -75,13 +81,13 @@ def _evaluation(ax, steps_ax, rows: list[dict], colours) -> None:
             ax.text(0, i, f" {k}  {v:.2f}", va="center", ha="left", fontsize=7)
         ax.set_yticks([])
         ax.invert_yaxis()
-        ax.set_title(f"evaluation at step {at.pop()}", fontsize=10)
+        ax.set_title(f"{shown} at step {at.pop()}", fontsize=10)
         return
     ax.sharex(steps_ax)
     for i, k in enumerate(keys):
         ax.plot(*_series(rows, "eval", k), marker="o", markersize=3, label=k, color=colours(i))
     ax.legend(fontsize=7)
-    ax.set_title("evaluation", fontsize=10)
+    ax.set_title(shown, fontsize=10)
     ax.set_xlabel("step")
 
 

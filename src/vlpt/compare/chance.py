@@ -31,7 +31,14 @@ def chance(task: str) -> dict[str, float]:
     kind, _, data = task.partition(":")
     if kind not in CLASSIFIERS + ("retrieval",):
         return {}
-    data = data.split("|")[-1]  # probes: TRAIN|TEST, scored on TEST
+    if kind.endswith("_probe"):  # scored on TEST of TRAIN|TEST (or X:train -> X:test)
+        from vlpt.eval.probes import probe_specs
+        from vlpt.eval.registry import TaskError
+
+        try:
+            data = probe_specs(data, kind)[1]
+        except TaskError:
+            return {}
     try:
         ds = sources.open_source(data)
     except Exception:  # noqa: BLE001 - chance is a courtesy; the evaluation itself reports bad data
@@ -41,4 +48,6 @@ def chance(task: str) -> dict[str, float]:
     if not ds.classnames:
         return {}
     classes = len(ds.classnames)
+    if kind.endswith("_probe"):
+        return {f"{kind}_top1": 100.0 / classes, f"{kind}_val_top1": 100.0 / classes}
     return {"top1": 100.0 / classes, **({"top5": 500.0 / classes} if classes > 5 else {})}

@@ -84,7 +84,8 @@ def bars(groups, metrics: list[str], odds: dict[str, float], path: Path, title: 
     return _save(fig, path)
 
 
-def scaling(points: dict[str, tuple[list[float], list[float]]], fits: dict, metric: str, path: Path) -> Path:
+def scaling(points: dict[str, tuple[list[float], list[float]]], fits: dict, metric: str, path: Path,
+            unit: str = "samples seen") -> Path:
     """Error against budget per recipe, log-log: the runs (dots), the fitted law and its 95% bootstrap band."""
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     for label, (cs, es) in points.items():
@@ -96,8 +97,51 @@ def scaling(points: dict[str, tuple[list[float], list[float]]], fits: dict, metr
             ax.fill_between(xs, lo, hi, color=dots.get_facecolor()[0], alpha=0.2)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("samples seen", fontsize=8)
+    ax.set_xlabel(unit, fontsize=8)
     ax.set_ylabel("error", fontsize=8)
     ax.set_title(metric, fontsize=9)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+ZERO_SHOT_KINDS = {"zeroshot": "embeddings", "zeroshot_captioner": "likelihood", "zeroshot_bow": "bag of words"}
+
+
+def zero_shot_series(groups) -> dict[str, dict[str, str]]:
+    """{DATA: {line label: metric}}: every recipe's zero-shot top-1, whichever way it classifies (embeddings,
+    caption likelihood, bag-of-words head); a recipe with several ways gets one line each."""
+    panels: dict[str, dict[str, str]] = {}
+    for g in groups:
+        found = sorted({m for r in g.runs for m in r.curves if m.endswith("/top1") and
+                        m.partition(":")[0] in ZERO_SHOT_KINDS})
+        for m in found:
+            kind, _, rest = m.partition(":")
+            data = rest.rsplit("/", 1)[0]
+            several = len({x.partition(":")[0] for x in found if x.partition(":")[2] == rest}) > 1
+            label = f"{g.recipe} ({ZERO_SHOT_KINDS[kind]})" if several else g.recipe
+            panels.setdefault(data, {})[label] = m
+    return panels
+
+
+def zero_shot(groups, path: Path, title: str, odds: dict[str, float]) -> Path:
+    """CLIP's Figure 2: zero-shot top-1 against samples seen, one line per recipe (mean over seeds, band:
+    min to max), one panel per labelled set; `odds`: chance per set."""
+    panels = zero_shot_series(groups)
+    by_label = {g.recipe: g for g in groups}
+    fig, axes = _grid(len(panels))
+    for ax, (data, lines) in zip(axes, panels.items()):
+        for label, metric in lines.items():
+            g = by_label[label.split(" (")[0]]
+            xs, mean, lo, hi = _seed_band(g.runs, metric)
+            if xs:
+                line, = ax.plot(xs, mean, marker="o", ms=3, label=label)
+                if len(g.runs) > 1:
+                    ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
+        if data in odds:
+            ax.axhline(odds[data], color="grey", linestyle="dashed", label="chance")
+        ax.set_title(f"zero-shot top-1 (%), {data}", fontsize=9)
+        ax.set_xlabel("samples seen", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, path)

@@ -132,11 +132,13 @@ def crossing(fa: Fit, fb: Fit, lo: float, hi: float, n: int = 200) -> Crossing:
     return Crossing(at, len(crossed) / pairs if pairs else 0.0, interval)
 
 
-def describe(name_a: str, name_b: str, cross: Crossing, lo: float, hi: float) -> str:
-    span = f"between {lo:,.0f} and {hi:,.0f} samples"
+def describe(name_a: str, name_b: str, cross: Crossing, lo: float, hi: float, unit: str = "samples seen") -> str:
+    fmt = (lambda x: f"{x:,.0f}") if unit == "samples seen" else (lambda x: f"{x:.3g}")
+    word = "samples" if unit == "samples seen" else "FLOPs"
+    span = f"between {fmt(lo)} and {fmt(hi)} {word}"
     if cross.at is None:
         return (f"{name_a} and {name_b} do not cross {span} "
                 f"({100 * (1 - cross.share):.0f}% of bootstrap fits agree)")
-    where = f" (95% interval {cross.interval[0]:,.0f}-{cross.interval[1]:,.0f})" if cross.interval else ""
-    return (f"{name_a} and {name_b} cross at about {cross.at:,.0f} samples{where}; "
+    where = f" (95% interval {fmt(cross.interval[0])}-{fmt(cross.interval[1])})" if cross.interval else ""
+    return (f"{name_a} and {name_b} cross at about {fmt(cross.at)} {word}{where}; "
             f"{100 * cross.share:.0f}% of bootstrap fits cross {span}")

@@ -36,6 +36,13 @@ def lower_is_better(metric: str) -> bool:
     return "loss" in name or "perplexity" in name
 
 
+SETTINGS = ("linear_probe_C", "attentional_probe_epochs")  # chosen on validation data: reported, never ranked
+
+
+def is_setting(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in SETTINGS
+
+
 def verdict(a: Stats, b: Stats, lower_better: bool = False) -> str:
     """WIN when A is better than B by more than their spread (non-overlapping mean +- std), LOSS when B is,
     TIE otherwise; UNTESTED when either side has a single seed."""

@@ -12,10 +12,17 @@ from pathlib import Path
 
 from vlpt import config as config_lib
 from vlpt.compare.chance import chance
-from vlpt.compare.runs import split_runnable
-from vlpt.compare.stats import TIE, UNTESTED, WIN, Stats, lower_is_better, summarize, verdict
+from vlpt.compare.runs import BUDGET_FILE, split_runnable
+from vlpt.compare.stats import TIE, UNTESTED, WIN, Stats, is_setting, lower_is_better, summarize, verdict
 from vlpt.config import Config
 from vlpt.errors import UsageError
+
+
+SAMPLES, FLOPS = "samples seen", "training FLOPs"
+
+
+def budget_text(value: float, unit: str) -> str:
+    return f"{value:,.0f} {unit}" if unit == SAMPLES else f"{value:.3g} {unit}"
 
 
 @dataclass
@@ -25,6 +32,16 @@ class RunRecord:
     results: dict[str, float]  # the final evaluation
     curves: dict[str, list[tuple[int, float]]]  # metric -> [(samples seen, value)] over training
     failed: dict[str, str]  # task -> why its evaluation failed (eval_error rows)
+    flops: float | None = None  # the run's budget in training FLOPs, when `vlpt compare --flops` set it
+
+    @property
+    def budget(self) -> float:
+        """What the run's comparison held equal: training FLOPs (--flops) or samples seen (--budget)."""
+        return self.flops if self.flops is not None else self.samples
+
+    @property
+    def unit(self) -> str:
+        return FLOPS if self.flops is not None else SAMPLES
 
     @property
     def samples(self) -> int:
@@ -60,7 +77,9 @@ def load_run(path: Path) -> RunRecord:
                     curves.setdefault(k, []).append((seen, v))
         elif row["kind"] == "eval_error":
             failed[row["task"]] = row["message"]
-    return RunRecord(path, cfg, json.loads((path / "results.json").read_text()), curves, failed)
+    budget = path / BUDGET_FILE
+    flops = json.loads(budget.read_text())["flops"] if budget.exists() else None
+    return RunRecord(path, cfg, json.loads((path / "results.json").read_text()), curves, failed, flops)
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -79,8 +98,20 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def task_of(metric: str) -> str:
-    return metric.rsplit("/", 1)[0]
+def task_of(metric: str, known: list[str] = ()) -> str:
+    """The task a metric belongs to: the longest of the `known` task names it starts with, else all but
+    its last part."""
+    return max((t for t in known if metric.startswith(t + "/")), key=len, default=metric.rsplit("/", 1)[0])
+
+
+def result_prefix(task: str) -> str:
+    """The name a task's metrics start with (its evaluator's result_name)."""
+    from vlpt.eval.registry import TaskError, parse_task
+
+    try:
+        return parse_task(task)[0]().result_name(task)
+    except TaskError:
+        return task
 
 
 @dataclass
@@ -88,12 +119,17 @@ class Group:
     """The seeds of one recipe at one budget."""
 
     recipe: str
-    samples: int
+    budget: float
+    unit: str
     runs: list[RunRecord] = field(default_factory=list)
 
     def stats(self, metric: str) -> Stats | None:
         values = [r.results[metric] for r in self.runs if metric in r.results]
         return summarize(values) if values else None
+
+    def cannot(self, task: str) -> bool:
+        """True when this recipe's model lacks what the task needs (e.g. a text embedding for zero-shot)."""
+        return task in split_runnable([task], self.runs[0].cfg)[1]
 
     def why_missing(self, task: str) -> str:
         for run in self.runs:
@@ -105,8 +141,11 @@ class Group:
 
 def group_runs(records: list[RunRecord]) -> list[Group]:
     groups: dict[tuple[str, int], Group] = {}
-    for r in sorted(records, key=lambda r: (r.cfg.recipe, r.samples, r.cfg.train.seed)):
-        groups.setdefault((r.cfg.recipe, r.samples), Group(r.cfg.recipe, r.samples)).runs.append(r)
+    if len({r.unit for r in records}) > 1:
+        raise UsageError("these runs hold different things equal: some a FLOPs budget (vlpt compare --flops), "
+                         "some samples seen; report them separately")
+    for r in sorted(records, key=lambda r: (r.cfg.recipe, r.budget, r.cfg.train.seed)):
+        groups.setdefault((r.cfg.recipe, r.budget), Group(r.cfg.recipe, r.budget, r.unit)).runs.append(r)
     return list(groups.values())
 
 
@@ -116,11 +155,12 @@ def metrics_by_task(groups: list[Group]) -> dict[str, list[str]]:
     for g in groups:
         for run in g.runs:
             for t in run.cfg.eval.tasks:
-                tasks.setdefault(t.task, [])
+                tasks.setdefault(result_prefix(t.task), [])
+    known = list(tasks)
     for g in groups:
         for run in g.runs:
             for metric in run.results:
-                names = tasks.setdefault(task_of(metric), [])
+                names = tasks.setdefault(task_of(metric, known), [])
                 if metric not in names:
                     names.append(metric)
     return {t: m for t, m in tasks.items() if m}
@@ -160,47 +200,130 @@ def verdicts(groups: list[Group], metric: str) -> list[str]:
     return out
 
 
+CONTROL_LABELS = {"blank_image": "*blank image (control)*", "blind": "*blind twin (control)*",
+                  "length_baseline": "*shorter text (control)*"}
+HEADLINE_GROUPS = ("precision@1", "macro")  # the summary columns of choice tasks, first and in the verdicts
+
+
+def split_scorer(task: str, metric: str) -> tuple[str, str] | None:
+    """"swaps:scenes/objects/macro/likelihood" -> ("objects/macro", "likelihood"): the question group and
+    the scorer of a choice task's metric (vlpt.eval.choice), or None for any other metric."""
+    from vlpt.eval.choice import CONTROLS, SCORERS
+
+    rest = metric[len(task) + 1:]
+    group, _, scorer = rest.rpartition("/")
+    return (group, scorer) if group and scorer in SCORERS + CONTROLS else None
+
+
+def choice_table(task: str, metrics: list[str], rows: list[Group]) -> list[str]:
+    """A compositional task: one row per (recipe, scorer), its controls in italics under its likelihood,
+    one column per question group (summaries first). Bold and verdicts rank the models' own scorers only: a
+    control is shown beside the score it qualifies, never ranked."""
+    from vlpt.eval.choice import CONTROLS, SCORERS
+
+    parts = [split_scorer(task, m) for m in metrics]
+    columns = list(dict.fromkeys(g for g, _ in parts))
+    columns.sort(key=lambda g: g.rsplit("/", 1)[-1] not in HEADLINE_GROUPS)  # stable: summaries first
+    lines = [f"#### {task}", "", "| recipe | scored by | " + " | ".join(columns) + " |",
+             "|---|---|" + "---:|" * len(columns)]
+    table: list[tuple[str, str, list[Stats | None]]] = []
+    for g in rows:
+        for scorer in SCORERS + CONTROLS:
+            stats = [g.stats(f"{task}/{col}/{scorer}") for col in columns]
+            if any(s is not None for s in stats):
+                table.append((g.recipe, scorer, stats))
+    ranked = [i for i, (_, scorer, _) in enumerate(table) if scorer in SCORERS]
+    bold: set[tuple[int, int]] = set()
+    said = []
+    for j, col in enumerate(columns):
+        stats = [table[i][2][j] for i in ranked]
+        bold |= {(ranked[k], j) for k in best_rows(stats, False)}
+        if col.rsplit("/", 1)[-1] in HEADLINE_GROUPS:
+            fake = [Group(f"{table[i][0]} ({table[i][1]})", 0, "", []) for i in ranked]
+            words = _verdict_words(fake, stats)
+            said += [f"{col}: " + ", ".join(words)] if words else []
+    for i, (recipe, scorer, stats) in enumerate(table):
+        cells = ["" if s is None else (f"**{_cell(s)}**" if (i, j) in bold else
+                                       f"*{_cell(s)}*" if scorer in CONTROLS else _cell(s))
+                 for j, s in enumerate(stats)]
+        lines.append(f"| {recipe} | {CONTROL_LABELS.get(scorer, scorer)} | " + " | ".join(cells) + " |")
+    return lines + ([""] + ["; ".join(said) + "."] if said else []) + [""]
+
+
+def _verdict_words(groups: list[Group], stats: list[Stats | None]) -> list[str]:
+    """Verdict sentences of the best row over the others, from their stats."""
+    rows = best_rows(stats, False)
+    if not rows:
+        return []
+    best = max(rows, key=lambda i: stats[i].mean)
+    words = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}
+    return [f"{groups[best].recipe} {words[verdict(stats[best], s, False)]} {groups[i].recipe}"
+            for i, s in enumerate(stats) if i != best and s is not None]
+
+
 def markdown_tables(groups: list[Group]) -> list[str]:
     """Per budget and per task, a table: one row per recipe, one column per metric, mean ± std over seeds,
     best (and ties with it) in bold, a chance row; a blank cell has a numbered note with the reason."""
     lines: list[str] = []
-    budgets = sorted({g.samples for g in groups})
+    controls = [g for g in groups if not any(r.results for r in g.runs)]
+    if controls:
+        lines += ["Blind twins, trained as controls and not evaluated themselves (their likelihoods are the "
+                  "*blind twin* rows of their sighted recipe): " + ", ".join(sorted({g.recipe for g in controls})) + ".", ""]
+    groups = [g for g in groups if g not in controls]
+    budgets = sorted({g.budget for g in groups})
     tasks = metrics_by_task(groups)
     for budget in budgets:
-        rows = [g for g in groups if g.samples == budget]
+        rows = [g for g in groups if g.budget == budget]
         seeds = sorted({len(g.runs) for g in rows})
-        lines += [f"### {budget:,} samples seen ({'/'.join(map(str, seeds))} seed(s) per recipe)", ""]
+        lines += [f"### {budget_text(budget, rows[0].unit)} ({'/'.join(map(str, seeds))} seed(s) per recipe)", ""]
+        if rows[0].unit == FLOPS:
+            lines += ["Samples seen at this budget: " + ", ".join(f"{g.recipe} {g.runs[0].samples:,}" for g in rows), ""]
         notes: list[str] = []
         for task, metrics in tasks.items():
-            names = [m.rsplit("/", 1)[-1] + (" ↓" if lower_is_better(m) else "") for m in metrics]
-            lines += [f"#### {task}", "", "| recipe | " + " | ".join(names) + " |",
-                      "|---|" + "---:|" * len(metrics)]
-            cells = {g.recipe: [] for g in rows}
-            for m in metrics:
-                stats = [g.stats(m) for g in rows]
-                bold = best_rows(stats, lower_is_better(m))
-                for i, (g, s) in enumerate(zip(rows, stats)):
-                    if s is None:
-                        note = f"{g.recipe}: {g.why_missing(task)}"
-                        notes += [note] if note not in notes else []
-                        cells[g.recipe].append(f"— [{notes.index(note) + 1}]")
-                    else:
-                        cells[g.recipe].append(f"**{_cell(s)}**" if i in bold else _cell(s))
-            lines += [f"| {r} | " + " | ".join(c) + " |" for r, c in cells.items()]
-            odds = chance(task)
-            if odds:
-                plain = [m.rsplit("/", 1)[-1] for m in metrics]
-                lines.append("| *chance* | " + " | ".join(f"*{odds[n]:.2f}*" if n in odds else "" for n in plain) + " |")
-            said = [f"{m.rsplit('/', 1)[-1]}: " + ", ".join(verdicts(rows, m)) for m in metrics if verdicts(rows, m)]
-            if said:
-                lines += ["", "; ".join(said) + "."]
-            lines.append("")
+            unable = [g.recipe for g in rows if g.cannot(task)]
+            if all(split_scorer(task, m) for m in metrics):
+                lines += choice_table(task, metrics, [g for g in rows if g.recipe not in unable])
+            else:
+                lines += _task_table(task, metrics, [g for g in rows if g.recipe not in unable], notes)
+            if unable:
+                lines[-1:] = ["", f"Not applicable (the model cannot run this task): {', '.join(unable)}.", ""]
         lines += [f"[{i}] {n}  " for i, n in enumerate(notes, 1)]  # two spaces: a Markdown line break
         lines.append("")
     return lines
 
 
+def _task_table(task: str, metrics: list[str], rows: list[Group], notes: list[str]) -> list[str]:
+    """One task: a row per recipe, a column per metric, chance below, verdicts after; a missing cell gets
+    a numbered note (in `notes`) saying why."""
+    lines: list[str] = []
+    names = [m.rsplit("/", 1)[-1] + (" ↓" if lower_is_better(m) else "") for m in metrics]
+    lines += [f"#### {task}", "", "| recipe | " + " | ".join(names) + " |",
+              "|---|" + "---:|" * len(metrics)]
+    cells = {g.recipe: [] for g in rows}
+    for m in metrics:
+        stats = [g.stats(m) for g in rows]
+        bold = [] if is_setting(m) else best_rows(stats, lower_is_better(m))
+        for i, (g, s) in enumerate(zip(rows, stats)):
+            if s is None:
+                note = f"{g.recipe}: {g.why_missing(task)}"
+                notes += [note] if note not in notes else []
+                cells[g.recipe].append(f"— [{notes.index(note) + 1}]")
+            else:
+                cells[g.recipe].append(f"**{_cell(s)}**" if i in bold else _cell(s))
+    lines += [f"| {r} | " + " | ".join(c) + " |" for r, c in cells.items()]
+    odds = chance(task)
+    if odds:
+        plain = [m.rsplit("/", 1)[-1] for m in metrics]
+        lines.append("| *chance* | " + " | ".join(f"*{odds[n]:.2f}*" if n in odds else "" for n in plain) + " |")
+    said = [f"{m.rsplit('/', 1)[-1]}: " + ", ".join(verdicts(rows, m)) for m in metrics
+            if not is_setting(m) and verdicts(rows, m)]
+    if said:
+        lines += ["", "; ".join(said) + "."]
+    lines.append("")
+    return lines
+
+
 def summary(groups: list[Group]) -> dict:
-    """The numbers of the tables, as JSON: {recipe@samples: {metric: {mean, std, n}}}."""
-    return {f"{g.recipe}@{g.samples}": {m: vars(s) for m in sorted({k for r in g.runs for k in r.results})
+    """The numbers of the tables, as JSON: {recipe@budget: {metric: {mean, std, n}}}."""
+    return {f"{g.recipe}@{g.budget:g}": {m: vars(s) for m in sorted({k for r in g.runs for k in r.results})
                                         if (s := g.stats(m)) is not None} for g in groups}

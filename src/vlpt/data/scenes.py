@@ -34,7 +34,8 @@ STYLES = ("descriptive", "list", "photo", "alt")
 CLASSIFICATION_SPLITS = ("colour", "shape", "colour_shape")
 SPLITS = ("train", "test", *CLASSIFICATION_SPLITS, "relation")
 _ALIASES = {"color": "colour", "color_shape": "colour_shape"}
-_STREAMS = {"train": 1, "test": 2, "classify": 3, "relation": 4}
+_STREAMS = {"train": 1, "test": 2, "classify": 3, "relation": 4, "classify_train": 5}
+PROBE_TRAIN_IMAGES = 2000  # "colour_shape:train" etc.: a probe's training set, disjoint from the test images
 _TAGS = ("#shapes", "#geometry", "clipart", "stock image", "jpg", "#art")
 
 
@@ -242,8 +243,13 @@ def scenes_set(split: str = "train", n: int | None = None, size: int = 64,
                captions_per_image: int | None = None, seed: int = 0) -> ImageTextSet:
     """A scenes split: "train" (20000 images, 2 captions each), "test" (500, 2 captions), or a single-object
     classification set "colour" / "shape" / "colour_shape" (1000 images, one "a photo of a {class}." each,
-    with labels and classnames; the three share their images)."""
+    with labels and classnames; the three share their images). "CLASSES:train" is a probe's training set of
+    those classes (2000 other single-object images), "CLASSES:test" the 1000 of "CLASSES"."""
+    split, _, part = split.partition(":")
     split = _ALIASES.get(split, split)
+    if part and not (split in CLASSIFICATION_SPLITS and part in ("train", "test")):
+        raise ValueError(f"unknown scenes split {split}:{part!r}; only {', '.join(CLASSIFICATION_SPLITS)} take "
+                         f":train or :test")
     if split in ("train", "test"):
         n = n if n is not None else (20000 if split == "train" else 500)
         s = _stream_seed(seed, split)
@@ -254,8 +260,9 @@ def scenes_set(split: str = "train", n: int | None = None, size: int = 64,
         return ImageTextSet(f"scenes:{split}", list(range(n)), _ArrayLoader(images), captions,
                             [i for i in range(n) for _ in range(cpi)])
     if split in CLASSIFICATION_SPLITS:
-        n = n if n is not None else 1000
-        images, objects = cached_generate(n, _stream_seed(seed, "classify"), size, 1, 1)
+        stream = "classify_train" if part == "train" else "classify"
+        n = n if n is not None else (PROBE_TRAIN_IMAGES if part == "train" else 1000)
+        images, objects = cached_generate(n, _stream_seed(seed, stream), size, 1, 1)
         if split == "colour":
             classnames, names = list(COLOURS), [o[0]["colour"] for o in objects]
         elif split == "shape":
@@ -264,7 +271,7 @@ def scenes_set(split: str = "train", n: int | None = None, size: int = 64,
             classnames = [f"{c} {s}" for c in COLOURS for s in SHAPES]
             names = [f"{o[0]['colour']} {o[0]['shape']}" for o in objects]
         labels = [classnames.index(x) for x in names]
-        return ImageTextSet(f"scenes:{split}", list(range(n)), _ArrayLoader(images),
+        return ImageTextSet(f"scenes:{split}" + (f":{part}" if part else ""), list(range(n)), _ArrayLoader(images),
                             [f"a photo of a {x}." for x in names], list(range(n)), labels, classnames)
     if split == "relation":
         return relation_set(n if n is not None else 300, size, seed)[0]
@@ -295,7 +302,10 @@ def relation_set(n: int = 300, size: int = 64, seed: int = 0) -> tuple[ImageText
 
 def load_scenes(split: str = "train", **kw) -> ImageTextSet:
     """Data-spec entry point: "scenes" -> train, "scenes:<split>" -> that split (see SPLITS)."""
-    split = _ALIASES.get(split or "train", split or "train")
-    if split not in SPLITS:
-        raise BadDataError(f"unknown scenes split {split!r}; valid: {', '.join(SPLITS)}")
+    split = split or "train"
+    name, _, part = split.partition(":")
+    name = _ALIASES.get(name, name)
+    if name not in SPLITS or (part and not (name in CLASSIFICATION_SPLITS and part in ("train", "test"))):
+        raise BadDataError(f"unknown scenes split {split!r}; valid: {', '.join(SPLITS)}, and "
+                           f"{'/'.join(CLASSIFICATION_SPLITS)} with :train (a probe's training images) or :test")
     return scenes_set(split, **kw)

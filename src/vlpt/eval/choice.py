@@ -25,6 +25,8 @@ from vlpt.progress import bar
 from vlpt.eval.batching import encode_batched
 from vlpt.eval.registry import TaskError
 
+SCORERS = ("cosine", "likelihood")  # the model's own answers
+CONTROLS = ("blank_image", "blind", "length_baseline")  # what a likelihood score must beat to say it looked
 CONTRASTIVE = frozenset({"image_embed", "text_embed"})
 CAPTION = frozenset({"caption"})
 MID_GREY = 128

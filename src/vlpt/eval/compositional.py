@@ -9,8 +9,9 @@ models; likelihood with its blank-image, blind-twin and length controls for capt
   sugarcrepe:DIR      SugarCrepe hard negatives (`vlpt.data.sugarcrepe`): accuracy per category, and their mean
 
 Metrics are named GROUP/SCORER, e.g. order:flickr8k:test/nouns_adjectives/likelihood, in %. Options follow
-the data as `:NAME=VALUE`: `blind=RUN` (every task) adds the blind twin's column, `seed=N` (order) draws
-other perturbations.
+the data as `:NAME=VALUE`: `blind=RUN` (every task) adds the blind twin's column (and is left out of the
+metrics' names: `swaps:scenes:blind=runs/b` reports `swaps:scenes/...`), `seed=N` (order) draws other
+perturbations.
 """
 from __future__ import annotations
 
@@ -46,6 +47,12 @@ class ChoiceEvaluator(Evaluator):
             except VlptError as err:
                 raise TaskError(f"task {task!r}: blind={opts['blind']}: {err}") from None
         return spec, opts
+
+    def result_name(self, task: str) -> str:
+        """Without `:blind=RUN`: the blind twin is a column of the results ("blind"), not another task."""
+        data = task.partition(":")[2]
+        spec, opts = task_options(task, data, self.known_options)
+        return ":".join([self.name, spec, *(f"{k}={v}" for k, v in reversed(opts.items()) if k != "blind")])
 
     def scores(self, model, data: str, images, questions: list[Question], options: EvalOptions) -> dict:
         opts = self.parse(data)[1]

@@ -30,9 +30,12 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed))
-    with warnings.catch_warnings():
+    # one BLAS thread: lbfgs runs ~1,000 products of a few thousand x width x classes, too small to share,
+    # and several threads on a busy machine made a scenes probe 6x slower (docs/results.md)
+    with warnings.catch_warnings(), threadpool_limits(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return clf.fit(x, y)
 

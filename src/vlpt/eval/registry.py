@@ -78,6 +78,11 @@ class Evaluator:
     def __call__(self, model, data: str, options: EvalOptions) -> dict[str, float]:
         raise NotImplementedError
 
+    def result_name(self, task: str) -> str:
+        """The prefix of this task's metrics: the task itself, less any option that names a file rather than
+        changing what is measured (so that runs of one comparison share their metric names)."""
+        return task
+
 
 EVALUATORS: dict[str, type[Evaluator]] = {}
 
@@ -167,7 +172,8 @@ def run_task(task: str, model, templates="imagenet80", progress: bool = True, ba
     metrics = evaluator(model, data, options)
     if options.samples:
         samples[task] = options.samples
-    return {f"{task}/{name}": float(value) for name, value in metrics.items()}
+    prefix = evaluator.result_name(task)
+    return {f"{prefix}/{name}": float(value) for name, value in metrics.items()}
 
 
 def run_suite(tasks: Sequence[str], model, **kw) -> dict[str, float]:
