@@ -29,7 +29,8 @@ def curve_table(folder: str, spec: str, budget: str | None) -> None:
     from vlpt.compare.plots import _seed_band
     from vlpt.compare.table import find_runs, group_runs, load_run
 
-    groups = [g for g in group_runs([load_run(r) for r in find_runs([folder])]) if any(x.results for x in g.runs)]
+    finished = [r for r in find_runs([folder]) if (r / "results.json").exists()]  # a compare may still run
+    groups = [g for g in group_runs([load_run(r) for r in finished]) if any(x.results for x in g.runs)]
     top = max(g.budget for g in groups) if budget is None else float(budget)
     rows = {}
     for g in (g for g in groups if g.budget == top):

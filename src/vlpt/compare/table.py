@@ -59,8 +59,10 @@ def load_run(path: Path) -> RunRecord:
     if not (path / "config.yaml").exists():
         raise UsageError(f"{path} is not a run folder (no config.yaml); give run folders or a compare folder")
     if not (path / "results.json").exists():
-        raise UsageError(f"{path} is unfinished (no results.json); finish it with `vlpt train "
-                         f"{config_lib.read_yaml(path / 'config.yaml').get('recipe')} --out {path} --resume`")
+        started = (path / "command.txt").read_text().splitlines()[:1] if (path / "command.txt").exists() else []
+        again = f"run the command that started it again, it resumes: {started[0]}" if started else \
+            f"`vlpt train {config_lib.read_yaml(path / 'config.yaml').get('recipe')} --out {path} --resume`"
+        raise UsageError(f"{path} is unfinished (no results.json); leave it out, or finish it: {again}")
     cfg = config_lib.from_dict(config_lib.read_yaml(path / "config.yaml"))
     curves: dict[str, list[tuple[int, float]]] = {}
     failed: dict[str, str] = {}
