@@ -240,6 +240,11 @@ class TrainConfig:
     # in the checkpoints; the final evaluation reports it too, as ema/TASK/METRIC (vlpt.train.ema)
     ema: float = 0.0
     ema_schedule: str = "warmup"  # constant | cosine | warmup (decay min(ema, (1+k)/(10+k)) at step k)
+    # under torchrun (more than one process): shard weights, gradients and AdamW's moments over the processes
+    # with FSDP2 (torch's fully_shard, per transformer block) instead of replicating them with DDP; for models
+    # that do not fit one device. Checkpoints keep full weights in model.safetensors and the optimizer's shards
+    # in optim-dcp/, which resume on any number of processes (vlpt.train.fsdp). One process: no effect
+    fsdp: bool = False
 
 
 @dataclass
@@ -542,6 +547,34 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.data.max_bad_fraction <= 1:
         raise ConfigError(f"data.max_bad_fraction={cfg.data.max_bad_fraction} must be between 0 and 1 (default 0.01)")
     _validate_eval(cfg)
+    _validate_fsdp(cfg)
+
+
+def _validate_fsdp(cfg: Config) -> None:
+    """What sharded training (train.fsdp) does not support, refused before any work (vlpt.train.fsdp)."""
+    from vlpt.objectives import objective_class
+
+    tr = cfg.train
+    if not tr.fsdp:
+        return
+    averaged = [n for n in cfg.objectives if objective_class(n).ema_target]
+    coupled = [n for n in cfg.objectives if not objective_class(n).per_example]
+    refusals = [
+        (tr.ema > 0, f"train.ema={tr.ema} keeps a full averaged copy of the model on every process; "
+                     f"set train.ema=0 or train.fsdp=false"),
+        (bool(averaged), f"objectives.{averaged[0] if averaged else ''} keeps an averaged target copy of the "
+                         f"model on every process; train it with train.fsdp=false"),
+        (tr.compile, "train.compile=true is not supported with train.fsdp=true; drop one of them"),
+        (tr.accum_steps > 1 and bool(coupled),
+         f"train.accum_steps={tr.accum_steps} needs exact accumulation for objectives.{coupled[0] if coupled else ''} "
+         f"(its loss couples examples), which train.fsdp=true does not support; set train.accum_steps=1 or "
+         f"train.fsdp=false"),
+        (tr.precision == "fp16", "train.precision=fp16 (a GradScaler) is not supported with train.fsdp=true; "
+                                 "use train.precision=bf16 or fp32"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise ConfigError(f"train.fsdp=true: {message}")
 
 
 def _validate_numbers(cfg: Config) -> None:

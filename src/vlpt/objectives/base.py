@@ -41,6 +41,7 @@ class Objective(nn.Module):
     abilities: frozenset[str] = frozenset()  # what its heads give evaluators at inference (see `ability`)
     sets: frozenset[str] = frozenset()  # batch keys its prepare() adds that a view reads (e.g. "image_keep")
     per_example: bool = False
+    ema_target: bool = False  # keeps an averaged copy of the model (`attach`), which train.fsdp cannot shard
 
     @dataclasses.dataclass
     class Options:

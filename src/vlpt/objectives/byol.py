@@ -36,6 +36,8 @@ class Byol(Siamese):
     """SiamLIP's projectors and predictors (objectives/siamese.py), its targets from an EMA target network
     (module docstring)."""
 
+    ema_target = True
+
     @dataclasses.dataclass
     class Options(Siamese.Options):
         momentum: float = 0.99  # m of the target's average

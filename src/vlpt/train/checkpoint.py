@@ -47,21 +47,35 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(ckpt_dir: Path, step: int, weights: dict, metadata: dict, state: dict, keep: int) -> Path:
+def tmp_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
+
+
+def start(ckpt_dir: Path, step: int) -> Path:
+    """An empty temporary folder for step `step`'s checkpoint (other ranks may write into it before `save`)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    final = ckpt_dir / f"{PREFIX}{step:08d}"
-    tmp = ckpt_dir / f"{TMP_PREFIX}{PREFIX}{step:08d}"
+    tmp = tmp_path(ckpt_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    return tmp
+
+
+def save(ckpt_dir: Path, step: int, weights: dict, metadata: dict, state: dict, keep: int,
+         started: bool = False) -> Path:
+    """`started`: `start` made the temporary folder, which already holds files (a sharded optimizer's)."""
+    final = ckpt_dir / f"{PREFIX}{step:08d}"
+    tmp = tmp_path(ckpt_dir, step) if started else start(ckpt_dir, step)
     # safetensors refuses shared storage; contiguous copies of plain tensors are what we want anyway
     metadata = {"format": str(FORMAT), **metadata}
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, tmp / "model.safetensors",
               metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     torch.save(state, tmp / "state.pt")
     files = {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # subfolders: a sharded optimizer (train.fsdp)
         _fsync(f)
-        files[f.name] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+        files[f.relative_to(tmp).as_posix()] = {"bytes": f.stat().st_size, "sha256": sha256(f)}
+    for d in sorted(p for p in tmp.rglob("*") if p.is_dir()):
+        _fsync(d)
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1) + "\n")
     _fsync(tmp / MANIFEST)
     _fsync(tmp)

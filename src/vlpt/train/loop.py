@@ -23,7 +23,8 @@ from vlpt.config import Config, ConfigError
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
 from vlpt.progress import TrainProgress
-from vlpt.train import checkpoint, distributed
+from vlpt.errors import CheckpointError
+from vlpt.train import checkpoint, distributed, fsdp
 from vlpt.train.data import make_tokenizer, training_source
 from vlpt.train.evaluation import EvalPlan, EvaluationFailed
 from vlpt.train.guards import BadImageBudget, NonFiniteStreak
@@ -105,6 +106,10 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     text_views = TextViews(cfg.views, cfg.train.seed, rank)  # views that need WordNet where it is missing fail here
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
+    sharded = fsdp.active(cfg)
+    if sharded and last is not None and not (last / fsdp.OPTIM_DIR).is_dir():
+        raise CheckpointError(f"{last} was saved without train.fsdp; resume it with train.fsdp=false (its next "
+                              f"checkpoints can then resume with train.fsdp=true)")
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
     evaluation = EvalPlan(cfg, abilities(cfg))  # a typo or a missing file fails in seconds
     if last is None:
@@ -122,6 +127,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     tokenizer = make_tokenizer(cfg, source.captions, run_dir)
     module = build(cfg, tokenizer.vocab, init=last is None)
     module.to(device)
+    if sharded:  # a resumed run's full weights go in before they are split; the optimizer takes the shards
+        fsdp.shard(module, checkpoint.load_weights(last)[0] if last is not None else None)
     optimizer = build_optimizer(module, cfg.train)
     steps = total_steps(cfg, source.size)
     scheduler = warmup_cosine(optimizer, min(cfg.train.warmup_steps, max(steps - 1, 0)), steps, cfg.train.lr,
@@ -131,15 +138,16 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     counters = {"nonfinite_steps": 0, "bad_images": 0, "images": 0}  # this rank's run totals, kept across resumes
     batches = source.batches(tokenizer, text_views, rank, world, counters, pin_memory=device.type == "cuda")
     state = RunState(cfg, run_dir / "checkpoints", tokenizer, module, optimizer, scheduler, scaler, counters, batches,
-                     last)
+                     last, sharded)
     start = state.restore(last) if last is not None else 0
 
     ddp = None
-    if distributed.is_distributed():
+    if distributed.is_distributed() and not sharded:
         distributed.convert_sync_batchnorm(module)  # heads' batch statistics over the global batch
         ddp = DistributedDataParallel(module)
     run = torch.compile(ddp or module) if cfg.train.compile else None
-    parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip)
+    parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip,
+                      fsdp=module if sharded else None)
     image_views = ImageViews(cfg.views, cfg.train.seed, rank)
     if main:
         trim_metrics(run_dir / "metrics.jsonl", start)
@@ -148,7 +156,15 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     bad_images = BadImageBudget(counters, cfg.data.max_bad_fraction)
     streak = NonFiniteStreak(counters, cfg.train.max_nonfinite_steps, log)
     step_log = StepLog(log, cfg.train.log_every, steps, source.size, cfg.train.batch_size)
-    eval_model = Model(module.model, tokenizer, device, module.objectives)
+    eval_model = None if sharded else Model(module.model, tokenizer, device, module.objectives)
+
+    def model_for_eval() -> Model | None:
+        """Under FSDP every rank gathers the weights for an unsharded copy on rank 0, where evaluation runs."""
+        if not sharded:
+            return eval_model
+        copy = fsdp.gathered(cfg, tokenizer.vocab, module, device)
+        return Model(copy.model, tokenizer, device, copy.objectives) if copy is not None else None
+
     averaged = Model(module.ema.module, tokenizer, device, module.objectives) if module.ema is not None else None  # train.ema
     module.train()
     watch = TrainProgress(f"train {cfg.recipe}", start, steps, cfg.train.log_every_s, show=progress and main)
@@ -168,7 +184,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                 if streak.length == 0 and cfg.checkpoint.every_steps and done % cfg.checkpoint.every_steps == 0 \
                         and done != steps:
                     state.save(done)
-                evaluation.periodic(eval_model, done, steps, log)
+                if evaluation.due(done, steps):
+                    evaluation.periodic(model_for_eval(), done, steps, log)
                 term, intr = result.flags
                 if term or intr:
                     if streak.length == 0 and state.newest != state.path(done):
@@ -185,7 +202,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
             image_reads_skipped=sum_over_ranks(device, counters["bad_images"])[0],
             nonfinite_steps=counters["nonfinite_steps"])
         try:
-            summary.results = evaluation.final(eval_model, steps, log, progress, run_dir, averaged)
+            summary.results = evaluation.final(model_for_eval(), steps, log, progress, run_dir, averaged)
             summary.eval_note = evaluation.absent()
         except EvaluationFailed as err:  # raised on the main process only
             summary.results, summary.eval_note = err.results, f"failed: {err.detail}"

@@ -19,7 +19,8 @@ import torch
 from vlpt import config as config_lib
 from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
-from vlpt.train import checkpoint, distributed
+from vlpt.errors import CheckpointError
+from vlpt.train import checkpoint, distributed, fsdp
 
 
 def elastic_restart() -> int:
@@ -88,8 +89,9 @@ class RunState:
     """Saves and restores a run: the module's weights (with config and tokenizer as metadata) and state.pt."""
 
     def __init__(self, cfg: Config, ckpt_dir: Path, tokenizer: TextTokenizer, module, optimizer, scheduler,
-                 scaler, counters: dict, data, newest: Path | None):
-        self.cfg, self.ckpt_dir, self.tokenizer = cfg, ckpt_dir, tokenizer
+                 scaler, counters: dict, data, newest: Path | None, sharded: bool = False):
+        """`sharded`: the module is sharded with FSDP (vlpt.train.fsdp); its weights were loaded before."""
+        self.cfg, self.ckpt_dir, self.tokenizer, self.sharded = cfg, ckpt_dir, tokenizer, sharded
         self.module, self.optimizer, self.scheduler, self.scaler = module, optimizer, scheduler, scaler
         self.counters = counters  # this rank's run totals, kept across resumes
         self.data = data  # this rank's batches: state_dict() / load_state_dict() of its position
@@ -105,24 +107,35 @@ class RunState:
         if distributed.is_distributed():
             ranks = [None] * distributed.world_size()
             torch.distributed.all_gather_object(ranks, mine)
+        if self.sharded:  # every rank: the full weights to rank 0, its optimizer shards into the folder
+            weights = fsdp.full_weights(self.module)
+            if distributed.is_main():
+                checkpoint.start(self.ckpt_dir, step)
+            distributed.barrier()
+            fsdp.save_optimizer(self.module, self.optimizer, checkpoint.tmp_path(self.ckpt_dir, step) / fsdp.OPTIM_DIR)
         if distributed.is_main():
             meta = {"config": json.dumps(config_lib.to_dict(self.cfg)), "tokenizer": self.tokenizer.to_str(),
                     "step": str(step)}
-            state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            if not self.sharded:
+                weights = self.module.state_dict()
+            optimizer = fsdp.OPTIM_DIR if self.sharded else self.optimizer.state_dict()  # a folder: its shards
+            state = {"optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                      "rng": [r for r, _, _ in ranks], "counters": [c for _, c, _ in ranks],
                      "data": [d for _, _, d in ranks], "step": step}
-            checkpoint.save(self.ckpt_dir, step, self.module.state_dict(), meta, state, self.cfg.checkpoint.keep)
+            checkpoint.save(self.ckpt_dir, step, weights, meta, state, self.cfg.checkpoint.keep, started=self.sharded)
         self.newest = self.path(step)
         distributed.barrier()
 
     def restore(self, ckpt: Path) -> int:
         """Load `ckpt` into the run; the step it was saved at. On another number of processes each rank
-        takes the streams and data position of rank (its rank mod the saved count)."""
-        weights, _ = checkpoint.load_weights(ckpt)
-        self.module.load_state_dict(weights)
+        takes the streams and data position of rank (its rank mod the saved count). The optimizer's state
+        saved as shards (train.fsdp) loads on any number of processes, sharded or not."""
+        if not self.sharded:
+            weights, _ = checkpoint.load_weights(ckpt)
+            self.module.load_state_dict(weights)
         state = checkpoint.load_state(ckpt)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._restore_optimizer(ckpt, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
@@ -131,3 +144,12 @@ class RunState:
         self.counters.update(state.get("counters", [{}] * saved_world)[rank % saved_world])
         self.data.load_state_dict(state.get("data", [{}] * saved_world)[rank % saved_world])
         return state["step"]
+
+    def _restore_optimizer(self, ckpt: Path, saved) -> None:
+        if isinstance(saved, str):  # the subfolder of its shards
+            fsdp.load_optimizer(self.module, self.optimizer, ckpt / saved)
+        elif self.sharded:
+            raise CheckpointError(f"{ckpt} was saved without train.fsdp; resume it with train.fsdp=false (its "
+                                  f"next checkpoints can then resume with train.fsdp=true)")
+        else:
+            self.optimizer.load_state_dict(saved)

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from vlpt.train import distributed
+from vlpt.train import distributed, fsdp
 from vlpt.train.exact_accum import exact_backward
 from vlpt.train.microbatch import batch_dim, split  # noqa: F401  (importable from here too)
 from vlpt.train.pretrainer import Pretrainer
@@ -61,7 +61,8 @@ def sum_over_ranks(device: torch.device, *values: int) -> list[int]:
 class StepParts:
     """What one step needs. `run` computes (loss, metrics) from a batch: the module itself, or the module
     wrapped in DDP (`ddp`) and/or compiled. `exact`: accumulate exactly (GradCache) when accum_steps > 1;
-    None chooses it when an objective couples examples."""
+    None chooses it when an objective couples examples. `fsdp`: the module, when it is sharded with FSDP2
+    (vlpt.train.fsdp) instead of wrapped in DDP."""
 
     module: Pretrainer
     optimizer: torch.optim.Optimizer
@@ -73,6 +74,7 @@ class StepParts:
     accum_steps: int = 1
     grad_clip: float = 1.0
     exact: bool | None = None
+    fsdp: torch.nn.Module | None = None
 
     def __post_init__(self):
         if self.run is None:
@@ -100,6 +102,8 @@ def backward(parts: StepParts, batch: dict) -> tuple[torch.Tensor, dict]:
     for k, chunk in enumerate(chunks):
         last = k == len(chunks) - 1
         sync = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
+        if parts.fsdp is not None:  # FSDP2's no_sync: gradients are reduce-scattered in the last backward only
+            parts.fsdp.set_requires_gradient_sync(last)
         with sync, torch.autocast(device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
             loss, metrics = parts.run(chunk)
             scaled = loss / len(chunks)
@@ -122,7 +126,11 @@ def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tupl
         scaler.unscale_(optimizer)
     # parameters without a gradient (a locked tower) are skipped by clip_grad_norm_ itself
     max_norm = parts.grad_clip if parts.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    if parts.fsdp is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    else:  # the parameters FSDP leaves whole have their gradients averaged here
+        fsdp.average_replicated(module)
+        grad_norm = fsdp.clip_grad_norm_(module.parameters(), max_norm)
     loss_value, norm_value = torch.stack([total_loss, grad_norm.detach().float()]).tolist()  # the step's host sync
     nonfinite, *summed = sum_over_ranks(device, not (math.isfinite(loss_value) and math.isfinite(norm_value)), *flags)
     if nonfinite:
