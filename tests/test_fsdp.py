@@ -62,9 +62,14 @@ def _assert_close(a: dict, b: dict) -> None:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
 
 
+# SLIP: batch norms in a head, synchronised before sharding; eps=1 as in tests/test_distributed.py's SLIP
+SLIP = ["slip", "train.batch_size=16", "views.image_views.preset=null", "views.image_views.crop_scale=[1,1]",
+        "objectives.simclr.hidden=32", "train.eps=1.0", "train.lr=0.1"]
+
+
+@pytest.mark.parametrize("recipe", [["clip", "train.batch_size=16"], ["cap", "train.batch_size=8", "train.accum_steps=2"],
+                                    SLIP], ids=["clip", "cap-accum", "slip"])
 @needs_fsdp
-@pytest.mark.parametrize("recipe", [["clip", "train.batch_size=16"],
-                                    ["cap", "train.batch_size=8", "train.accum_steps=2"]], ids=["clip", "cap-accum"])
 def test_fsdp_matches_ddp(tmp_path, recipe):
     """Sharded over 2 processes: the losses (rank 0's, as logged) and parameters of DDP on 2 processes (which
     tests/test_distributed.py holds to 1 process); model.safetensors holds the full weights under the usual
@@ -98,9 +103,22 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
     _check_moments(tmp_path / "fsdp" / "checkpoints" / "step-00000002")
 
 
+@needs_fsdp
+def test_fsdp_refuses_a_checkpoint_saved_without_it(tmp_path):
+    """A 1-process checkpoint holds the optimizer whole in state.pt: resuming it sharded is refused in one line
+    before the run folder changes (a later checkpoint of a train.fsdp=false resume would do)."""
+    _train(tmp_path / "run", ["clip", "train.batch_size=16", "train.steps=1", *COMMON])
+    before = (tmp_path / "run" / "command.txt").read_text()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlpt", "train", "clip", "--resume",
+                           "train.fsdp=true", "--quiet", "--out", str(tmp_path / "run")],
+                          env=ENV, capture_output=True, text=True, timeout=400)
+    assert proc.returncode != 0 and "saved without train.fsdp; resume it with train.fsdp=false" in proc.stderr
+    assert (tmp_path / "run" / "command.txt").read_text() == before
+
+
 def _check_moments(ckpt: Path) -> None:
     """The sharded optimizer state loaded into one unsharded process equals the saved shards, read whole."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from vlpt.data.tokenizer import TextTokenizer
@@ -119,7 +137,7 @@ def _check_moments(ckpt: Path) -> None:
     saved = torch.load(whole, weights_only=False)["state"]
     names = {p: n for n, p in module.named_parameters()}
     restored = {names[p]: s for p, s in optimizer.state.items()}
-    assert restored.keys() == saved.keys() and dcp is not None
+    assert restored.keys() == saved.keys() and len(saved) > 20
     for name, s in saved.items():
         for key in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(restored[name][key], s[key]), (name, key)

@@ -111,7 +111,7 @@ def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, folder: 
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
     state = get_optimizer_state_dict(module, optimizer)  # the layout to read into (created if still empty)
-    dcp.load(state, checkpoint_id=str(folder))
+    dcp.load(state, checkpoint_id=str(folder), no_dist=not distributed.is_distributed())
     set_optimizer_state_dict(module, optimizer, state)
 
 
