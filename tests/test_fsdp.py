@@ -104,17 +104,19 @@ def test_fsdp_checkpoint_resumes_on_one_process(tmp_path):
 
 
 @needs_fsdp
-def test_fsdp_refuses_a_checkpoint_saved_without_it(tmp_path):
-    """A 1-process checkpoint holds the optimizer whole in state.pt: resuming it sharded is refused in one line
-    before the run folder changes (a later checkpoint of a train.fsdp=false resume would do)."""
-    _train(tmp_path / "run", ["clip", "train.batch_size=16", "train.steps=1", *COMMON])
-    before = (tmp_path / "run" / "command.txt").read_text()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                           "127.0.0.1", "--master_port", str(_free_port()), "-m", "vlpt", "train", "clip", "--resume",
-                           "train.fsdp=true", "--quiet", "--out", str(tmp_path / "run")],
-                          env=ENV, capture_output=True, text=True, timeout=400)
-    assert proc.returncode != 0 and "saved without train.fsdp; resume it with train.fsdp=false" in proc.stderr
-    assert (tmp_path / "run" / "command.txt").read_text() == before
+def test_a_checkpoint_saved_without_fsdp_resumes_sharded(tmp_path):
+    """A 1-process checkpoint (the optimizer whole in state.pt) resumed on 2 FSDP processes reaches the
+    uninterrupted 1-process run's parameters: the whole state is split like the parameters."""
+    from vlpt.train import checkpoint
+
+    args = ["clip", "train.batch_size=16", "train.steps=4", "checkpoint.every_steps=2", "checkpoint.keep=5", *COMMON]
+    _train(tmp_path / "one", args)
+    shutil.copytree(tmp_path / "one", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-00000004")
+    _train(tmp_path / "resumed", ["clip", "--quiet", "--resume", "train.fsdp=true"], processes=2)
+    done = [checkpoint.latest(tmp_path / r / "checkpoints") for r in ("one", "resumed")]
+    assert [c.name for c in done] == ["step-00000004"] * 2 and (done[1] / "optim-dcp").is_dir()
+    _assert_close(*(_weights(c) for c in done))
 
 
 def _check_moments(ckpt: Path) -> None:

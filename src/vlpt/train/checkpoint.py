@@ -1,6 +1,7 @@
 """Run-folder checkpoints: `checkpoints/step-NNNNNNNN/` with model.safetensors (weights, plus the resolved
 config and tokenizer as metadata, so one file is a usable model), state.pt (optimizer, schedule, scaler,
-RNG streams, counters, step) and manifest.json (size and sha256 of each file).
+RNG streams, counters, step) and manifest.json (size and sha256 of each file). A sharded run (train.fsdp)
+adds optim-dcp/, the optimizer's shards (vlpt.train.fsdp), and names that folder in state.pt instead.
 
 A checkpoint is written to a temporary folder, fsynced (files, manifest last, folder), then renamed: it is
 whole or absent. A file damaged later (a full disk, a bad copy, a killed rsync) no longer matches its

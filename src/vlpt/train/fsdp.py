@@ -115,6 +115,19 @@ def load_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, folder: 
     set_optimizer_state_dict(module, optimizer, state)
 
 
+def load_whole_optimizer(module: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """A whole optimizer state (state.pt of a checkpoint saved without FSDP: parameters by their index in the
+    optimizer) into the sharded optimizer: named by the parameters, then split like them."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group["params"]]  # build_optimizer's order
+    state = {order[i]: s for i, s in saved["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]
+    set_optimizer_state_dict(module, optimizer, {"state": state, "param_groups": groups},
+                             options=_options(full_state_dict=True))
+
+
 def gathered(cfg: Config, vocab: Vocab, module: nn.Module, device: torch.device) -> Pretrainer | None:
     """Every rank calls it: an unsharded copy of the module on rank 0 for the evaluation, which runs there
     alone; None on the others. Built without drawing from the run's random streams."""

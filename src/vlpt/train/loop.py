@@ -23,7 +23,6 @@ from vlpt.config import Config, ConfigError
 from vlpt.data.views import ImageViews, TextViews
 from vlpt.inference import Model
 from vlpt.progress import TrainProgress
-from vlpt.errors import CheckpointError
 from vlpt.train import checkpoint, distributed, fsdp
 from vlpt.train.data import make_tokenizer, training_source
 from vlpt.train.evaluation import EvalPlan, EvaluationFailed
@@ -107,9 +106,6 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
     run_dir = Path(run_dir)
     last = resume_checkpoint(run_dir / "checkpoints", resume)
     sharded = fsdp.active(cfg)
-    if sharded and last is not None and not (last / fsdp.OPTIM_DIR).is_dir():
-        raise CheckpointError(f"{last} was saved without train.fsdp; resume it with train.fsdp=false (its next "
-                              f"checkpoints can then resume with train.fsdp=true)")
     distributed.barrier()  # every rank has chosen `last` before the main one tidies the folder
     evaluation = EvalPlan(cfg, abilities(cfg))  # a typo or a missing file fails in seconds
     if last is None:

@@ -19,7 +19,6 @@ import torch
 from vlpt import config as config_lib
 from vlpt.config import Config, ConfigError
 from vlpt.data.tokenizer import TextTokenizer
-from vlpt.errors import CheckpointError
 from vlpt.train import checkpoint, distributed, fsdp
 
 
@@ -148,8 +147,7 @@ class RunState:
     def _restore_optimizer(self, ckpt: Path, saved) -> None:
         if isinstance(saved, str):  # the subfolder of its shards
             fsdp.load_optimizer(self.module, self.optimizer, ckpt / saved)
-        elif self.sharded:
-            raise CheckpointError(f"{ckpt} was saved without train.fsdp; resume it with train.fsdp=false (its "
-                                  f"next checkpoints can then resume with train.fsdp=true)")
+        elif self.sharded:  # saved whole, by a run without FSDP
+            fsdp.load_whole_optimizer(self.module, self.optimizer, saved)
         else:
             self.optimizer.load_state_dict(saved)
