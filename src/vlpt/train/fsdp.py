@@ -4,7 +4,8 @@ gathers its weights for its forward and backward only, so a process holds one bl
 
 The run folder stays what every other command reads: model.safetensors holds the full weights (gathered to
 rank 0 at each save); the optimizer is saved as shards with torch.distributed.checkpoint in `optim-dcp/`,
-which loads on any number of processes, one included (with or without train.fsdp). The evaluation runs on
+which loads on any number of processes, one included (with or without train.fsdp); a checkpoint saved
+without FSDP (the optimizer whole in state.pt) is split on loading. The evaluation runs on
 rank 0 on an unsharded copy of the weights gathered for it. What this does not support is refused with the
 config (vlpt.config._validate_fsdp).
 """
