@@ -52,7 +52,7 @@ def main() -> None:
     p.add_argument("--budget", help="only rows of this budget (the part after @ in summary.json)")
     p.add_argument("--curve", metavar="METRIC[|METRIC...]", help="SUMMARY is a compare folder: this metric "
                    "at every evaluation point (default: the largest budget)")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     if args.curve:
         return curve_table(args.summary, args.curve, args.budget)
     summary = json.loads(open(args.summary).read())

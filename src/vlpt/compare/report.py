@@ -9,7 +9,7 @@ from pathlib import Path
 
 from vlpt.compare import html, plots, scaling
 from vlpt.compare.chance import chance
-from vlpt.compare.stats import lower_is_better
+from vlpt.compare.stats import is_setting, lower_is_better
 from vlpt.compare.table import (HEADLINE_GROUPS, Group, budget_text, group_runs, load_run, markdown_tables,
                                 metrics_by_task, split_scorer, summary)
 
@@ -37,6 +37,14 @@ def plotted(task: str, metrics: list[str]) -> list[str]:
     return headline or metrics
 
 
+def fitted(task: str, metric: str) -> bool:
+    """A scaling fit is for a model's own score: not a setting chosen on validation data, not a control."""
+    from vlpt.eval.choice import CONTROLS
+
+    part = split_scorer(task, metric)
+    return not is_setting(metric) and not (part and part[1] in CONTROLS)
+
+
 def figure2_section(groups: list[Group], out: Path) -> list[str]:
     """Zero-shot against samples seen for every recipe that classifies, each in its own way (CLIP's Figure 2
     compares a captioner, both bag-of-words baselines and CLIP like this)."""
@@ -60,7 +68,7 @@ def error(metric: str, value: float) -> float:
 def scaling_section(groups: list[Group], out: Path, n_boot: int) -> list[str]:
     """Per metric: each recipe's fit with 95% intervals, the plot, and where curves cross."""
     recipes = list(dict.fromkeys(g.recipe for g in groups))
-    metrics = [m for ms in metrics_by_task(groups).values() for m in ms]
+    metrics = [m for task, ms in metrics_by_task(groups).items() for m in plotted(task, ms) if fitted(task, m)]
     lines = ["## Scaling", "", f"Error (100 - score, or the loss) against {groups[0].unit}; fits of E = a (C + b)^-c + d "
              f"with {scaling.MIN_SATURATING}+ budgets, else a line in log-log space (E = a C^-c) through the "
              f"per-budget best; [2.5%, 97.5%] from {n_boot} bootstrap fits.", ""]
