@@ -63,7 +63,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def bench_step(cfg: Config, vocab: Vocab, device: torch.device, warmup: int = 5, steps: int = 15) -> dict:
-    from vlpt.data.views import ImageViews
     from vlpt.train.flops import random_batch
     from vlpt.train.optim import build_optimizer
     from vlpt.train.pretrainer import build
@@ -75,7 +74,6 @@ def bench_step(cfg: Config, vocab: Vocab, device: torch.device, warmup: int = 5,
     parts = StepParts(module, build_optimizer(module, cfg.train), run=torch.compile(module) if cfg.train.compile else None,
                       amp=amp, accum_steps=cfg.train.accum_steps, grad_clip=cfg.train.grad_clip)
     batch = random_batch(cfg, vocab, cfg.train.batch_size, device)
-    batch.update(ImageViews(cfg.views, cfg.train.seed, 0)(batch["image"], 1))
     step = iter(range(1, 10**9))
     with FlopCounterMode(display=False) as counter:
         train_step(parts, batch, next(step), 10**9)

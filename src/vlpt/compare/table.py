@@ -186,20 +186,18 @@ def best_rows(stats: list[Stats | None], lower_better: bool) -> list[int]:
 
 def verdicts(groups: list[Group], metric: str) -> list[str]:
     """One sentence per other recipe: the best one wins over it, ties with it, or cannot be told (1 seed)."""
-    lower = lower_is_better(metric)
-    stats = [g.stats(metric) for g in groups]
+    return verdict_words([g.recipe for g in groups], [g.stats(metric) for g in groups], lower_is_better(metric))
+
+
+def verdict_words(names: list[str], stats: list[Stats | None], lower: bool = False) -> list[str]:
+    """The verdict sentences of the best row over each other row, from their stats."""
     rows = best_rows(stats, lower)
     if not rows:
         return []
     best = min(rows, key=lambda i: stats[i].mean) if lower else max(rows, key=lambda i: stats[i].mean)
-    out = []
-    for i, s in enumerate(stats):
-        if i == best or s is None:
-            continue
-        v = verdict(stats[best], s, lower)
-        word = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}[v]
-        out.append(f"{groups[best].recipe} {word} {groups[i].recipe}")
-    return out
+    words = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}
+    return [f"{names[best]} {words[verdict(stats[best], s, lower)]} {names[i]}"
+            for i, s in enumerate(stats) if i != best and s is not None]
 
 
 CONTROL_LABELS = {"blank_image": "*blank image (control)*", "blind": "*blind twin (control)*",
@@ -241,8 +239,7 @@ def choice_table(task: str, metrics: list[str], rows: list[Group]) -> list[str]:
         stats = [table[i][2][j] for i in ranked]
         bold |= {(ranked[k], j) for k in best_rows(stats, False)}
         if col.rsplit("/", 1)[-1] in HEADLINE_GROUPS:
-            fake = [Group(f"{table[i][0]} ({table[i][1]})", 0, "", []) for i in ranked]
-            words = _verdict_words(fake, stats)
+            words = verdict_words([f"{table[i][0]} ({table[i][1]})" for i in ranked], stats)
             said += [f"{col}: " + ", ".join(words)] if words else []
     for i, (recipe, scorer, stats) in enumerate(table):
         cells = ["" if s is None else (f"**{_cell(s)}**" if (i, j) in bold else
@@ -250,17 +247,6 @@ def choice_table(task: str, metrics: list[str], rows: list[Group]) -> list[str]:
                  for j, s in enumerate(stats)]
         lines.append(f"| {recipe} | {CONTROL_LABELS.get(scorer, scorer)} | " + " | ".join(cells) + " |")
     return lines + ([""] + ["; ".join(said) + "."] if said else []) + [""]
-
-
-def _verdict_words(groups: list[Group], stats: list[Stats | None]) -> list[str]:
-    """Verdict sentences of the best row over the others, from their stats."""
-    rows = best_rows(stats, False)
-    if not rows:
-        return []
-    best = max(rows, key=lambda i: stats[i].mean)
-    words = {WIN: "wins over", TIE: "ties with", UNTESTED: "is ahead of (1 seed: untested)"}
-    return [f"{groups[best].recipe} {words[verdict(stats[best], s, False)]} {groups[i].recipe}"
-            for i, s in enumerate(stats) if i != best and s is not None]
 
 
 def markdown_tables(groups: list[Group]) -> list[str]:

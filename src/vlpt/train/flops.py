@@ -34,7 +34,10 @@ _count_cpu_attention()
 
 
 def random_batch(cfg: Config, vocab: Vocab, batch: int, device: torch.device | str = "cpu") -> dict:
-    """Images (uint8, as the data pipeline gives them) and full-length captions <sot> words <eot>."""
+    """Images (uint8, as the data pipeline gives them), full-length captions <sot> words <eot>, and the
+    recipe's views of both."""
+    from vlpt.data.views import ImageViews
+
     g = torch.Generator().manual_seed(0)
     s, length = cfg.model.vision.image_size, cfg.model.text.context_length
     specials = max(vocab.pad, vocab.sot, vocab.eot, vocab.mask) + 1
@@ -44,6 +47,7 @@ def random_batch(cfg: Config, vocab: Vocab, batch: int, device: torch.device | s
     out = {"image": image.to(device), "text": text.to(device)}
     if cfg.views.text_views.count:  # the text views' FLOPs are those of any caption of the same length
         out["text_views"] = out["text"].expand(cfg.views.text_views.count, -1, -1)
+    out.update(ImageViews(cfg.views, cfg.train.seed, 0)(out["image"], 1))  # as the loop adds them on the device
     return out
 
 
@@ -56,10 +60,7 @@ def step_flops(cfg: Config, vocab: Vocab, batch: int = COUNT_BATCH) -> float:
     torch.manual_seed(0)
     module = build(cfg, vocab).train()
     parts = StepParts(module, build_optimizer(module, cfg.train), grad_clip=cfg.train.grad_clip)
-    from vlpt.data.views import ImageViews
-
     data = random_batch(cfg, vocab, batch)
-    data.update(ImageViews(cfg.views, cfg.train.seed, 0)(data["image"], 1))
     with FlopCounterMode(display=False) as counter:
         train_step(parts, data, 1, 1)
     return float(counter.get_total_flops())

@@ -143,7 +143,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
         ddp = DistributedDataParallel(module)
     run = torch.compile(ddp or module) if cfg.train.compile else None
     parts = StepParts(module, optimizer, scheduler, run, ddp, scaler, amp, cfg.train.accum_steps, cfg.train.grad_clip,
-                      fsdp=module if sharded else None)
+                      sharded=sharded)
     image_views = ImageViews(cfg.views, cfg.train.seed, rank)
     if main:
         trim_metrics(run_dir / "metrics.jsonl", start)

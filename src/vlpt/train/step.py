@@ -61,7 +61,7 @@ def sum_over_ranks(device: torch.device, *values: int) -> list[int]:
 class StepParts:
     """What one step needs. `run` computes (loss, metrics) from a batch: the module itself, or the module
     wrapped in DDP (`ddp`) and/or compiled. `exact`: accumulate exactly (GradCache) when accum_steps > 1;
-    None chooses it when an objective couples examples. `fsdp`: the module, when it is sharded with FSDP2
+    None chooses it when an objective couples examples. `sharded`: the module is sharded with FSDP2
     (vlpt.train.fsdp) instead of wrapped in DDP."""
 
     module: Pretrainer
@@ -74,7 +74,7 @@ class StepParts:
     accum_steps: int = 1
     grad_clip: float = 1.0
     exact: bool | None = None
-    fsdp: torch.nn.Module | None = None
+    sharded: bool = False
 
     def __post_init__(self):
         if self.run is None:
@@ -102,8 +102,8 @@ def backward(parts: StepParts, batch: dict) -> tuple[torch.Tensor, dict]:
     for k, chunk in enumerate(chunks):
         last = k == len(chunks) - 1
         sync = nullcontext() if last or parts.ddp is None else parts.ddp.no_sync()
-        if parts.fsdp is not None:  # FSDP2's no_sync: gradients are reduce-scattered in the last backward only
-            parts.fsdp.set_requires_gradient_sync(last)
+        if parts.sharded:  # FSDP2's no_sync: gradients are reduce-scattered in the last backward only
+            parts.module.set_requires_gradient_sync(last)
         with sync, torch.autocast(device.type, dtype=parts.amp or torch.float32, enabled=parts.amp is not None):
             loss, metrics = parts.run(chunk)
             scaled = loss / len(chunks)
@@ -126,7 +126,7 @@ def train_step(parts: StepParts, batch: dict, step: int, total: int, flags: tupl
         scaler.unscale_(optimizer)
     # parameters without a gradient (a locked tower) are skipped by clip_grad_norm_ itself
     max_norm = parts.grad_clip if parts.grad_clip > 0 else float("inf")
-    if parts.fsdp is None:
+    if not parts.sharded:
         grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
     else:  # the parameters FSDP leaves whole have their gradients averaged here
         fsdp.average_replicated(module)
