@@ -37,6 +37,8 @@ def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tenso
     For a blind decoder `images` may be None (pass `batch` for the number of rows wanted).
     """
     d = model.decoder
+    # trailing padding columns change no scored position (causal rows never read later keys): drop them
+    texts = texts[:, : max(2, int((texts != d.pad_id).sum(1).max()))]
     memory = _memory(model, images)
     n_img = memory.shape[0] if memory is not None else (images.shape[0] if images is not None else batch or 1)
     c = texts.shape[0]
@@ -60,7 +62,7 @@ def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tenso
     out = []
     for i in range(0, n_img, per):
         mem = memory[i : i + per]
-        out.append(loglik(x.repeat(mem.shape[0], 1, 1), mem.repeat_interleave(c, 0)))
+        out.append(loglik(x.repeat(mem.shape[0], 1, 1), mem))  # image i serves text rows i*c..(i+1)*c-1
     return torch.cat(out)
 
 

@@ -64,8 +64,16 @@ class CrossAttention(nn.Module):
         return _heads(k, self.heads), _heads(v, self.heads)
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        y = F.scaled_dot_product_attention(_heads(self.q(x), self.heads), *kv)
-        return self.proj(_merge(y))
+        """x [B,n,W] attends to the memory's keys/values [B/g,...]: each memory row serves g consecutive rows
+        of x (scoring many texts per image). Queries attend independently, so a row's g texts are one query
+        sequence, and the memory is never copied per text."""
+        b, n, w = x.shape
+        rows = kv[0].shape[0]
+        if b % rows:
+            raise ValueError(f"{b} text rows cannot share {rows} memory rows")
+        q = _heads(self.q(x).reshape(rows, b // rows * n, w), self.heads)
+        y = F.scaled_dot_product_attention(q, *kv)
+        return self.proj(_merge(y).reshape(b, n, w))
 
 
 class DecoderBlock(nn.Module):
