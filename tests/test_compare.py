@@ -37,6 +37,22 @@ def test_plan_gives_every_recipe_one_budget_seeds_and_the_union_suite():
         runs.plan(["clip"], SMALL + ["train.steps=5"], samples=64, seeds=1, multiples=[1.0], points=2)
 
 
+def test_a_run_folder_continues_only_with_its_own_config_and_keys_added_later_take_their_defaults(tmp_path):
+    from vlpt import config
+
+    run = runs.plan(["clip"], SMALL, samples=64, seeds=1, multiples=[1.0], points=2)[0]
+    folder = tmp_path / run.name
+    folder.mkdir()
+    saved = config.to_dict(run.cfg)
+    del saved["train"]["fsdp"]  # a run written before train.fsdp existed: the same run
+    (folder / "config.yaml").write_text(config.dump(config.from_dict(saved)).replace("  fsdp: false\n", ""))
+    assert "fsdp" not in (folder / "config.yaml").read_text()
+    runs._check_same(run, folder)
+    other = runs.plan(["clip"], SMALL, samples=128, seeds=1, multiples=[1.0], points=2)[0]
+    with pytest.raises(UsageError, match="another train config"):
+        runs._check_same(other, folder)
+
+
 def test_with_blind_plans_each_captioners_twin_first_and_gives_it_to_the_compositional_tasks(tmp_path):
     tasks = "eval.tasks=[swaps:scenes,zeroshot:scenes:shape,linear_probe:scenes:shape:train]"
     planned = runs.plan(["clip", "coca"], SMALL + [tasks], samples=64, seeds=2, multiples=[1.0], points=2,

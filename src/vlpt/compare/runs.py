@@ -158,8 +158,9 @@ def is_finished(run_dir: Path) -> bool:
 
 
 def _check_same(run: PlannedRun, run_dir: Path) -> None:
-    """A run folder is continued only when it was started with the very config planned for it."""
-    saved = config_lib.read_yaml(run_dir / "config.yaml")
+    """A run folder is continued only when it was started with the very config planned for it (read as a saved
+    config: keys added to vlpt since it was written take their defaults, which keep the old behaviour)."""
+    saved = config_lib.to_dict(config_lib.from_dict(config_lib.read_yaml(run_dir / "config.yaml")))
     planned = config_lib.to_dict(run.cfg)
     for section in planned:
         if saved.get(section) != planned[section]:
