@@ -167,6 +167,16 @@ def test_scoring_equals_the_hand_sum_of_token_log_probabilities():
                 assert norm.item() == pytest.approx(hand_tail.item(), abs=1e-4)
 
 
+def test_per_image_scoring_equals_the_matching_cells_of_all_pairs():
+    model = make(captioning_only=True).model
+    imgs, text = images(3), texts([2, 5, 8, 1, 3, 6])
+    every = captioner.score(model, imgs, text)  # [3 images, 6 texts]
+    own = captioner.score(model, imgs, text, per_image=True)  # image i: texts 2i, 2i+1
+    torch.testing.assert_close(own, torch.stack([every[i, 2 * i : 2 * i + 2] for i in range(3)]))
+    with pytest.raises(ValueError, match="same number of texts"):
+        captioner.score(model, imgs, text[:5], per_image=True)
+
+
 def test_a_prompt_is_read_and_exactly_the_texts_own_tokens_are_scored():
     """With a byte-level BPE, "a photo of a " alone ends in a space token and "a photo of a" + "cat" merges
     into "acat": the text's tokens are those it has in the sentence, here " cat" and <eot>."""
@@ -192,6 +202,12 @@ def test_a_prompt_is_read_and_exactly_the_texts_own_tokens_are_scored():
         torch.testing.assert_close(model.score_texts(img, ["cat"], prompt=prompt)[:, 0], by_hand)
     whole = sum(logp[:, k, t] for k, t in enumerate(targets[: targets.index(tok.eot_id) + 1]))
     torch.testing.assert_close(model.score_texts(img, ["a photo of a cat"])[:, 0], whole)
+    # each image its own options, as many as it has: the same numbers as scoring all pairs
+    own = model.score_own_texts(img, [["a photo of a cat", "a cat on a mat", "acat"], ["a photo of a dog"]])
+    every = model.score_texts(img, ["a photo of a cat", "a cat on a mat", "acat", "a photo of a dog"])
+    assert [len(o) for o in own] == [3, 1]
+    torch.testing.assert_close(own[0], every[0, :3])
+    torch.testing.assert_close(own[1], every[1, 3:])
 
 
 def test_beam_search_finds_the_best_sequence_of_a_model_small_enough_to_enumerate():

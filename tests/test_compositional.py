@@ -153,6 +153,9 @@ class HandModel:
                 rows.append([-len(t.split()) + (10.0 if t == own else 0.0) for t in texts])
         return torch.tensor(rows)
 
+    def score_own_texts(self, images, texts):
+        return [self.score_texts(image[None], own)[0] for image, own in zip(images, texts)]
+
     def count_tokens(self, texts):
         return torch.tensor([len(t.split()) + 1 for t in texts])
 

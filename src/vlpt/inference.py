@@ -136,6 +136,17 @@ class Model:
                                                   normalize=normalize, prefix_len=prefix.to(self.device),
                                                   batch=len(images)))
 
+    @torch.inference_mode()
+    def score_own_texts(self, images: torch.Tensor, texts: list[list[str]]) -> list[torch.Tensor]:
+        """For each image [i] the log-likelihoods of its own texts[i] (as score_texts without a prompt), in
+        one decoder pass for all images: options of questions, without scoring every image x every text."""
+        k = max(len(t) for t in texts)
+        flat = [t for own in texts for t in [*own, *[own[-1]] * (k - len(own))]]  # repeat to k texts each
+        ids = self.tokenizer(flat).to(self.device)
+        scores = self._eval(lambda: captioner.score(self.model, self._images(images), ids, per_image=True,
+                                                    batch=len(texts)))
+        return [row[: len(own)] for row, own in zip(scores, texts)]
+
     def count_tokens(self, texts: list[str]) -> torch.Tensor:
         """[N] the number of tokens of each text that score_texts sums over (<eot> included, cut to the context)."""
         ids = self.tokenizer(texts)

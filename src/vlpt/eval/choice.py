@@ -31,6 +31,7 @@ CONTRASTIVE = frozenset({"image_embed", "text_embed"})
 CAPTION = frozenset({"caption"})
 MID_GREY = 128
 TEXT_BATCH = 256  # options scored per call against one blank image
+IMAGE_BATCH = 64  # images whose own options are scored in one call
 
 
 @dataclass(frozen=True)
@@ -90,15 +91,18 @@ def score_options(model, images: torch.Tensor, questions: Sequence[Question], bl
 
 
 def _likelihoods(model, images: torch.Tensor, questions: Sequence[Question], progress: bool) -> list[torch.Tensor]:
-    """Each image is scored once against every option any of its questions has."""
+    """Each image is scored once against every option any of its questions has, IMAGE_BATCH images a call."""
     by_image: dict[int, dict[str, None]] = {}
     for q in questions:
         by_image.setdefault(q.image, {}).update(dict.fromkeys(q.options))
+    items = list(by_image.items())
     scores: dict[tuple[int, str], float] = {}
     with torch.no_grad():
-        for image, texts in bar(by_image.items(), progress, desc="likelihoods", leave=False):
-            row = model.score_texts(images[image : image + 1], list(texts))[0].float().cpu()
-            scores.update(zip(((image, t) for t in texts), row.tolist()))
+        for a in bar(range(0, len(items), IMAGE_BATCH), progress, desc="likelihoods", leave=False):
+            block = items[a : a + IMAGE_BATCH]
+            rows = model.score_own_texts(images[[image for image, _ in block]], [list(t) for _, t in block])
+            for (image, texts), row in zip(block, rows):
+                scores.update(zip(((image, t) for t in texts), row.float().cpu().tolist()))
     return [torch.tensor([scores[q.image, t] for t in q.options]) for q in questions]
 
 

@@ -42,6 +42,8 @@ class EvalModel(Protocol):
     def score_texts(self, images: torch.Tensor, texts: list[str], prompt: str = "",
                     normalize: bool = False) -> torch.Tensor: ...  # [B,C] log-likelihoods
 
+    def score_own_texts(self, images: torch.Tensor, texts: list[list[str]]) -> list[torch.Tensor]: ...  # image i: [len(texts[i])]
+
     def caption_loss(self, images: torch.Tensor, texts: list[str]) -> tuple[float, int]: ...  # (sum NLL, tokens)
 
     def count_tokens(self, texts: list[str]) -> torch.Tensor: ...  # [N] tokens score_texts sums over

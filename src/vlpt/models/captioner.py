@@ -28,12 +28,14 @@ def _banned(model: ImageTextModel, device) -> torch.Tensor:
 
 @torch.no_grad()
 def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tensor, *, normalize: bool = False,
-          prefix_len: int | torch.Tensor = 0, batch: int | None = None) -> torch.Tensor:
+          prefix_len: int | torch.Tensor = 0, batch: int | None = None, per_image: bool = False) -> torch.Tensor:
     """Log-likelihood of each text given each image: [B,C] for images [B,3,H,W] and token ids [C,L].
 
     The sum over the text's tokens including <eot>, padding excluded (the CapPa zero-shot protocol).
     `prefix_len` tokens after <sot> (a prompt, per text or for all) are read but not scored; `normalize`
     divides by the number of scored tokens. Each image is encoded once, the text-only layers run once.
+    `per_image`: texts [B*k,L] are image i's own k texts at rows i*k..(i+1)*k-1, each scored against its
+    image only -> [B,k] (questions with a few options per image, in one call for many images).
     For a blind decoder `images` may be None (pass `batch` for the number of rows wanted).
     """
     d = model.decoder
@@ -42,6 +44,8 @@ def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tenso
     memory = _memory(model, images)
     n_img = memory.shape[0] if memory is not None else (images.shape[0] if images is not None else batch or 1)
     c = texts.shape[0]
+    if per_image and c % n_img:
+        raise ValueError(f"per_image scoring needs the same number of texts for each of {n_img} images, got {c}")
     x, _, _ = d._unimodal(texts, None)  # [C,n,W], image-independent
     targets = texts[:, 1:]
     keep = targets != d.pad_id
@@ -49,20 +53,24 @@ def score(model: ImageTextModel, images: torch.Tensor | None, texts: torch.Tenso
     keep &= torch.arange(targets.shape[1], device=texts.device)[None] >= prefix
     counts = keep.sum(1).clamp(min=1)
 
-    def loglik(feats: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
-        reps = feats.shape[0] // c
-        logits = d.head(d.ln_final(d._run(d.multimodal, feats, None, mem))).float()
-        logp = logits.log_softmax(-1).gather(-1, targets.repeat(reps, 1)[..., None])[..., 0]
-        total = (logp * keep.repeat(reps, 1)).sum(1)
-        return (total / counts.repeat(reps) if normalize else total).view(reps, c)
+    def loglik(rows: torch.Tensor, mem: torch.Tensor | None) -> torch.Tensor:
+        """The summed log-likelihood of text rows `rows` (indices into texts); memory row j serves
+        len(rows) / len(mem) consecutive rows."""
+        logits = d.head(d.ln_final(d._run(d.multimodal, x[rows], None, mem))).float()
+        logp = logits.log_softmax(-1).gather(-1, targets[rows][..., None])[..., 0]
+        total = (logp * keep[rows]).sum(1)
+        return total / counts[rows] if normalize else total
 
+    every = torch.arange(c, device=texts.device)
     if memory is None:
-        return loglik(x, None).expand(n_img, c).clone()
-    per = max(1, SCORE_ELEMENTS // (c * targets.shape[1] * d.head.out_features))  # images per block
+        return loglik(every, None).view(n_img, -1) if per_image else loglik(every, None).expand(n_img, c).clone()
+    width = c // n_img if per_image else c  # texts per image
+    per = max(1, SCORE_ELEMENTS // (width * targets.shape[1] * d.head.out_features))  # images per block
     out = []
     for i in range(0, n_img, per):
         mem = memory[i : i + per]
-        out.append(loglik(x.repeat(mem.shape[0], 1, 1), mem))  # image i serves text rows i*c..(i+1)*c-1
+        rows = every[i * width : (i + len(mem)) * width] if per_image else every.repeat(len(mem))
+        out.append(loglik(rows, mem).view(len(mem), width))  # image i serves its rows without a copy per text
     return torch.cat(out)
 
 
