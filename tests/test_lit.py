@@ -178,6 +178,17 @@ def test_the_guides_lit_example_reads_a_cap_encoder_out_contrastively(tmp_path):
     assert vision and all(torch.equal(before[k], after[k]) for k in vision)
 
 
+def test_lit_on_an_encoder_with_a_cls_token_names_the_pooling_that_reads_it(tmp_path):
+    mae = tmp_path / "mae"
+    loop.train(config.resolve("mae", MICRO + ["train.steps=2"]), mae, progress=False)  # pool=cls: it has a [CLS]
+    with pytest.raises(ConfigError, match=r"has a \[CLS\] token .* add model.vision.pool=cls$"):
+        loop.train(config.resolve("lit", MICRO + ["train.steps=1", f"model.init.vision={mae}"]), tmp_path / "a",
+                   progress=False)
+    loop.train(config.resolve("lit", MICRO + ["train.steps=1", f"model.init.vision={mae}", "model.vision.pool=cls"]),
+               tmp_path / "b", progress=False)
+    assert all(torch.equal(weights(mae)[k], weights(tmp_path / "b")[k]) for k in weights(mae) if k.startswith("model.visual."))
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_a_locked_tower_must_start_from_weights():
     with pytest.raises(ConfigError, match=r"^model.lock names the vision tower, but model.init.vision is not set.*"
