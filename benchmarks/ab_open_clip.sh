@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # A/B training throughput, vlpt vs open_clip, same shapes (tiny-clip), same machine, interleaved rounds.
 # Needs the peer venv: ../shared/peers/open_clip/setup.sh /tmp/peer-openclip
-# Usage: benchmarks/ab_open_clip.sh [ROUNDS] [BATCH]   -> one RESULT line per run, then medians.
+# Usage: benchmarks/ab_open_clip.sh [ROUNDS] [BATCH] [MODEL]   -> one RESULT line per run, then medians.
+# MODEL: tiny-clip (default) or tiny-coca (vlpt's coca on open_clip's tiny-coca shapes, with full-length
+# captions: every position a real token, so vlpt's logits-for-real-tokens-only saves nothing here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROUNDS=${1:-3}; BATCH=${2:-64}
+ROUNDS=${1:-3}; BATCH=${2:-64}; MODEL=${3:-tiny-clip}
+VLPT=(--recipe clip)
+if [ "$MODEL" = tiny-coca ]; then
+  VLPT=(--recipe coca model.vision.pool=cls model.decoder.unimodal_depth=4 model.decoder.depth=4
+        model.poolers.generative_queries=256 model.poolers.contrastive=cascade objectives.captioning.weight=2)
+fi
 PEER=${PEER:-/tmp/peer-openclip}
 BENCH=$(cd ../shared/peers/open_clip && pwd)/bench.py
 JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
@@ -13,9 +20,9 @@ out=$(mktemp)
 for r in $(seq "$ROUNDS"); do
   for prec in fp32 bf16; do
     amp=""; [ "$prec" = bf16 ] && amp="--amp-bf16"
-    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model tiny-clip --batch "$BATCH" $amp | grep RESULT)" | tee -a "$out"
-    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec | grep RESULT)" | tee -a "$out"
-    echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec | grep RESULT)" | tee -a "$out"
+    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" $amp | grep RESULT)" | tee -a "$out"
+    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+    echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
   done
 done
 python3 - "$out" <<'PY'

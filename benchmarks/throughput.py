@@ -46,13 +46,15 @@ def main() -> None:
     p.add_argument("--caption-tokens", type=int, default=0,
                    help="tokens before each caption's <eot>, then padding (0: no padding, every position real)")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.decoder.depth=4")
     args = p.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    cfg = config.resolve(args.recipe, [f"model={args.preset}", "train.steps=1", f"train.precision={args.precision}"])
+    cfg = config.resolve(args.recipe, [f"model={args.preset}", "train.steps=1", f"train.precision={args.precision}",
+                                       *args.overrides])
     module = build(cfg, Vocab(args.vocab))
     module.model.set_grad_checkpointing(args.grad_ckpt)
     module.to(device)
