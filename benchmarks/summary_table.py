@@ -55,7 +55,13 @@ def main() -> None:
     args = p.parse_intermixed_args()
     if args.curve:
         return curve_table(args.summary, args.curve, args.budget)
-    summary = json.loads(open(args.summary).read())
+    try:
+        summary = json.loads(open(args.summary).read())
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: {args.summary}: {err}; give the summary.json that `vlpt compare` or `vlpt report` wrote")
+    bad = [c for c in args.columns if "=" not in c]
+    if bad:
+        raise SystemExit(f"error: column {bad[0]!r} is not LABEL=METRIC, e.g. \"t2i R@1=retrieval:scenes:test/t2i_R@1\"")
     columns = [c.split("=", 1) for c in args.columns]
     print("| recipe | " + " | ".join(label for label, _ in columns) + " |")
     print("|---|" + "---:|" * len(columns))

@@ -1,0 +1,28 @@
+"""benchmarks/summary_table.py, the script docs/results.md's tables come from: cells are mean ± std of the
+first alternative metric a recipe has, and a mistake is one line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "summary_table.py"
+
+
+def table(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+
+
+def test_cells_take_each_recipes_own_metric_and_mistakes_are_one_line(tmp_path):
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({
+        "clip@100": {"zeroshot:s/top1": {"mean": 90.04, "std": 1.26, "n": 3}},
+        "cap@100": {"zeroshot_captioner:s/top1": {"mean": 12.5, "std": 0.0, "n": 1}},
+        "clip@50": {"zeroshot:s/top1": {"mean": 80.0, "std": 0.0, "n": 1}},
+    }))
+    out = table(summary, "zero-shot=zeroshot:s/top1|zeroshot_captioner:s/top1", "R@1=retrieval:s/t2i_R@1", "--budget", 100)
+    assert out.returncode == 0
+    assert out.stdout.splitlines()[2:] == ["| clip | 90.0 ± 1.3 | – |", "| cap | 12.5 | – |"]
+    for bad, said in ((["/nope/summary.json", "a=b"], "/nope/summary.json"), ([summary, "zero-shot"], "LABEL=METRIC")):
+        out = table(*bad)
+        assert out.returncode == 1 and out.stderr.startswith("error: ") and said in out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
