@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}; BATCH=${2:-64}; MODEL=${3:-tiny-clip}
+STEPS=(--warmup "${WARMUP:-5}" --steps "${TIMED:-15}")  # untimed, then timed steps of each run (medians)
 VLPT=(--recipe clip)
 if [ "$MODEL" = tiny-coca ]; then
   VLPT=(--recipe coca model.vision.pool=cls model.decoder.unimodal_depth=4 model.decoder.depth=4
@@ -20,9 +21,11 @@ out=$(mktemp)
 for r in $(seq "$ROUNDS"); do
   for prec in fp32 bf16; do
     amp=""; [ "$prec" = bf16 ] && amp="--amp-bf16"
-    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" $amp | grep RESULT)" | tee -a "$out"
-    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
-    echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" "${STEPS[@]}" $amp | grep RESULT)" | tee -a "$out"
+    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+    if [ "$MODEL" = tiny-clip ]; then  # vlpt with its own 4,096-token vocabulary too
+      echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+    fi
   done
 done
 python3 - "$out" <<'PY'
