@@ -228,6 +228,22 @@ def test_beam_search_finds_the_best_sequence_of_a_model_small_enough_to_enumerat
     assert captioner.generate(model, imgs, beam_width=64, max_tokens=max_tokens) == best
 
 
+def test_batched_beam_search_equals_each_image_alone_as_images_leave(monkeypatch):
+    from vlpt.models.decoder import DecodeCache
+
+    model = make(captioning_only=True, seed=5).model
+    with torch.no_grad():
+        model.decoder.head.bias[EOT] += 4.0  # most captions end after a word or two, one runs to max_tokens
+    imgs = images(6, seed=4)
+    left = []
+    reorder = DecodeCache.reorder
+    monkeypatch.setattr(DecodeCache, "reorder", lambda self, index, memory_index=None: (
+        left.append(memory_index is not None), reorder(self, index, memory_index))[1])
+    together = captioner.generate(model, imgs, beam_width=3, max_tokens=8)
+    assert any(left)  # some images finished and left the batch, taking their image keys with them
+    assert together == [captioner.generate(model, imgs[i : i + 1], beam_width=3, max_tokens=8)[0] for i in range(6)]
+
+
 def test_length_penalty_normalises_finished_captions():
     model = make(captioning_only=True, seed=4).model
     imgs = images(2)

@@ -153,7 +153,7 @@ def _beam(model, memory, n, k, lengths, length_penalty, device) -> list[list[int
     d = model.decoder
     banned = _banned(model, device)
     dtype = next(model.parameters()).dtype
-    cache = d.start(memory.repeat_interleave(k, 0) if memory is not None else None, n * k, device, dtype)
+    cache = d.start(memory, n * k, device, dtype)  # image i's keys/values serve its beams, rows i*k..i*k+k-1
     logits = d.step(torch.full((n * k, 1), d.sot_id, device=device), cache)
     scores = torch.full((n, k), float("-inf"), device=device)
     scores[:, 0] = 0  # all beams start identical: expand only the first
@@ -195,7 +195,7 @@ def _beam(model, memory, n, k, lengths, length_penalty, device) -> list[list[int
             images = [images[i] for i in sel.tolist()]
             parent, tok, scores, seqs = parent[sel], tok[sel], scores[sel], seqs[sel]
             rows = (sel[:, None] * k + parent).reshape(-1)
-            cache.reorder(rows, rows)
+            cache.reorder(rows, sel)
         else:
             cache.reorder((torch.arange(b, device=device)[:, None] * k + parent).reshape(-1))
         logits = d.step(tok.reshape(-1, 1), cache)

@@ -211,7 +211,8 @@ class CaptionDecoder(nn.Module):
 
     # ------------------------------------------------------------------------------------ generation
     def start(self, memory: torch.Tensor | None, batch: int, device, dtype) -> DecodeCache:
-        """An empty cache for `batch` sequences (memory [batch,M,Wm] or None when blind)."""
+        """An empty cache for `batch` sequences (memory [batch/g,M,Wm]: each memory row serves g consecutive
+        sequences, e.g. an image its beams; or None when blind)."""
         hd = self.token_embed.embedding_dim // self.heads
         shape = (batch, self.heads, self.context_length, hd)
         layers = []
