@@ -1,15 +1,19 @@
-"""benchmarks/summary_table.py, the script docs/results.md's tables come from: cells are mean ± std of the
-first alternative metric a recipe has, and a mistake is one line."""
+"""The scripts of benchmarks/ that docs/results.md quotes: summary_table.py (its tables: cells are mean ± std
+of the first alternative metric a recipe has) and beam_search.py run, and a mistake is one line."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "summary_table.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *map(str, args)], capture_output=True, text=True)
 
 
 def table(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True)
+    return script("summary_table.py", *args)
 
 
 def test_cells_take_each_recipes_own_metric_and_mistakes_are_one_line(tmp_path):
@@ -26,3 +30,12 @@ def test_cells_take_each_recipes_own_metric_and_mistakes_are_one_line(tmp_path):
         out = table(*bad)
         assert out.returncode == 1 and out.stderr.startswith("error: ") and said in out.stderr
         assert "Traceback" not in out.stderr and len(out.stderr.splitlines()) == 1
+
+
+def test_beam_search_benchmark_writes_every_images_caption(tmp_path):
+    out = script("beam_search.py", tmp_path / "captions.json")
+    assert out.returncode == 0 and out.stdout.startswith("generate: ")
+    captions = json.loads((tmp_path / "captions.json").read_text())
+    assert len(captions) == 32 and all(1 <= len(c) <= 20 for c in captions)
+    missing = script("beam_search.py")
+    assert missing.returncode == 1 and missing.stderr.startswith("error: give the output file")

@@ -1,0 +1,38 @@
+"""Beam search alone, on open_clip's tiny-coca shapes with random weights (the model benchmarks/generation.py
+builds): 32 random 64px images, beam 6, 20 tokens. Prints the seconds of `generate` and writes the token
+ids to OUT, so that two versions of vlpt can be timed against each other and their captions compared.
+
+  python benchmarks/beam_search.py /tmp/captions.json
+"""
+import json
+import sys
+import time
+
+import torch
+
+from vlpt import config
+from vlpt.data.tokenizer import Vocab
+from vlpt.models.captioner import generate
+from vlpt.models.model import ImageTextModel
+
+
+def main() -> None:
+    if len(sys.argv) != 2:
+        raise SystemExit("error: give the output file, e.g. python benchmarks/beam_search.py /tmp/captions.json")
+    torch.manual_seed(0)
+    cfg = config.resolve("coca", ["model.preset=tiny-clip", "model.vision.pool=cls", "model.decoder.unimodal_depth=4",
+                                  "model.decoder.depth=4", "model.poolers.generative_queries=256",
+                                  "model.poolers.contrastive=cascade"])
+    needs = frozenset({"image_embed", "text_embed", "caption_logits"})
+    model = ImageTextModel(cfg.model, Vocab(49408, pad=0, sot=1, eot=2, mask=3), needs).eval()
+    torch.nn.init.normal_(model.decoder.head.weight, std=cfg.model.text.width**-0.5)  # zero-initialised otherwise
+    images = torch.randint(0, 256, (32, 3, 64, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    start = time.perf_counter()
+    ids = generate(model, images, beam_width=6, max_tokens=20)
+    print(f"generate: {time.perf_counter() - start:.2f} s")
+    with open(sys.argv[1], "w") as f:
+        json.dump(ids, f)
+
+
+if __name__ == "__main__":
+    main()
