@@ -10,22 +10,14 @@ import time
 
 import torch
 
-from vlpt import config
-from vlpt.data.tokenizer import Vocab
+from generation import vlpt_tiny_coca  # benchmarks/generation.py, beside this script
 from vlpt.models.captioner import generate
-from vlpt.models.model import ImageTextModel
 
 
 def main() -> None:
     if len(sys.argv) != 2:
         raise SystemExit("error: give the output file, e.g. python benchmarks/beam_search.py /tmp/captions.json")
-    torch.manual_seed(0)
-    cfg = config.resolve("coca", ["model.preset=tiny-clip", "model.vision.pool=cls", "model.decoder.unimodal_depth=4",
-                                  "model.decoder.depth=4", "model.poolers.generative_queries=256",
-                                  "model.poolers.contrastive=cascade"])
-    needs = frozenset({"image_embed", "text_embed", "caption_logits"})
-    model = ImageTextModel(cfg.model, Vocab(49408, pad=0, sot=1, eot=2, mask=3), needs).eval()
-    torch.nn.init.normal_(model.decoder.head.weight, std=cfg.model.text.width**-0.5)  # zero-initialised otherwise
+    model = vlpt_tiny_coca()
     images = torch.randint(0, 256, (32, 3, 64, 64), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     start = time.perf_counter()
     ids = generate(model, images, beam_width=6, max_tokens=20)

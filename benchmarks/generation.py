@@ -58,11 +58,11 @@ def _time_batches(images, batch: int, caption_batch) -> tuple[float, list[int]]:
         return time.perf_counter() - start, lengths
 
 
-def vlpt_worker(args) -> dict:
+def vlpt_tiny_coca():
+    """vlpt's coca on the tiny-coca shapes, random weights (seed SEED), in eval mode."""
     import torch
 
     from vlpt import config
-    from vlpt.models.captioner import generate
     from vlpt.data.tokenizer import Vocab
     from vlpt.models.model import ImageTextModel
 
@@ -74,6 +74,15 @@ def vlpt_worker(args) -> dict:
     needs = frozenset({"image_embed", "text_embed", "caption_logits"})
     model = ImageTextModel(cfg.model, Vocab(VOCAB, pad=0, sot=1, eot=2, mask=3), needs).eval()
     torch.nn.init.normal_(model.decoder.head.weight, std=cfg.model.text.width**-0.5)  # see the module doc
+    return model
+
+
+def vlpt_worker(args) -> dict:
+    import torch
+
+    from vlpt.models.captioner import generate
+
+    model = vlpt_tiny_coca()
     images = torch.load(args.images_file)
 
     def caption_batch(x):

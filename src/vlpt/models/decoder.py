@@ -65,8 +65,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x [B,n,W] attends to the memory's keys/values [B/g,...]: each memory row serves g consecutive rows
-        of x (scoring many texts per image). Queries attend independently, so a row's g texts are one query
-        sequence, and the memory is never copied per text."""
+        of x (an image's texts while scoring, its beams while generating; g = 1 in training). Queries attend
+        independently, so those g rows are one query sequence, and the memory is never copied per row."""
         b, n, w = x.shape
         rows = kv[0].shape[0]
         if b % rows:

@@ -81,7 +81,7 @@ def init_towers(model: ImageTextModel, cfg: ModelConfig) -> None:
 
 def load_tower(module, source: dict[str, torch.Tensor], tower: str, where: str) -> None:
     own = module.state_dict()
-    if ("cls_token" in source) != ("cls_token" in own):  # the pooling decides whether a ViT has a [CLS] token
+    if tower == "vision" and ("cls_token" in source) != ("cls_token" in own):  # pooling decides a ViT's [CLS]
         has, fix = ("a", "model.vision.pool=cls") if "cls_token" in source else ("no", "model.vision.pool=gap (or max, map)")
         raise ConfigError(f"{where}: that encoder has {has} [CLS] token and this model's pooling does not match; "
                           f"add {fix}")
