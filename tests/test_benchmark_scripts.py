@@ -1,5 +1,6 @@
 """The scripts of benchmarks/ that docs/results.md quotes: summary_table.py (its tables: cells are mean ± std
-of the first alternative metric a recipe has) and beam_search.py run, and a mistake is one line."""
+of the first alternative metric a recipe has), beam_search.py and attention_cpu.py run, and a mistake is one
+line."""
 import json
 import subprocess
 import sys
@@ -39,3 +40,12 @@ def test_beam_search_benchmark_writes_every_images_caption(tmp_path):
     assert len(captions) == 32 and all(1 <= len(c) <= 20 for c in captions)
     missing = script("beam_search.py")
     assert missing.returncode == 1 and missing.stderr.startswith("error: give the output file")
+
+
+def test_attention_benchmark_times_both_paths_and_refuses_a_bad_shape():
+    out = script("attention_cpu.py", "--shapes", "2x2x9x8", "2x2x7x8:causal", "--repeats", 1)
+    assert out.returncode == 0
+    rows = out.stdout.splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| 2x2x9x8", "| 2x2x7x8:causal"]
+    bad = script("attention_cpu.py", "--shapes", "2x2x9")
+    assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.startswith("error: --shapes '2x2x9'")

@@ -14,13 +14,12 @@ a sequence of n tokens costs n single-token passes instead of n full passes.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vlpt.config import DecoderConfig, TextConfig
 from vlpt.data.tokenizer import Vocab
-from vlpt.models.layers import MLP
+from vlpt.models.layers import MLP, attention
 
 
 def _heads(x: torch.Tensor, h: int) -> torch.Tensor:
@@ -43,12 +42,12 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None, pos: int = 0) -> torch.Tensor:
         q, k, v = (_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            y = attention(q, k, v, mask, causal=mask is None)
         else:  # append this call's keys/values; a single new token attends to everything cached
             n = x.shape[1]
             cache["k"][:, :, pos : pos + n], cache["v"][:, :, pos : pos + n] = k, v
             k, v = cache["k"][:, :, : pos + n], cache["v"][:, :, : pos + n]
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1)
+            y = attention(q, k, v, causal=n > 1)
         return self.proj(_merge(y))
 
 
@@ -72,7 +71,7 @@ class CrossAttention(nn.Module):
         if b % rows:
             raise ValueError(f"{b} text rows cannot share {rows} memory rows")
         q = _heads(self.q(x).reshape(rows, b // rows * n, w), self.heads)
-        y = F.scaled_dot_product_attention(q, *kv)
+        y = attention(q, *kv)
         return self.proj(_merge(y).reshape(b, n, w))
 
 

@@ -1,10 +1,36 @@
-"""Transformer pieces shared by every tower: attention goes through F.scaled_dot_product_attention."""
+"""Transformer pieces shared by every tower: attention goes through `attention` (F.scaled_dot_product_attention,
+or its two matmuls and a softmax where that is faster)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+
+UNFUSED_MAX_SCORES = 1024 * 1024  # query x key positions up to which CPU bf16/fp16 attention is unfused
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """F.scaled_dot_product_attention's result (a boolean `mask`: True where a query may attend; `causal`:
+    aligned top-left, as SDPA's; a query that may attend nowhere gets zeros, as SDPA gives).
+    On CPU in bf16/fp16, PyTorch's fused kernel takes 2-6x longer, forward + backward, than the unfused
+    matmuls at sequence lengths up to ~600 (benchmarks/attention_cpu.py), so there it is spelled out:
+    scores in the inputs' dtype, softmax in fp32, as SDPA's math path and eager attention elsewhere do."""
+    fused = (q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16)
+             or q.shape[-2] * k.shape[-2] > UNFUSED_MAX_SCORES)
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if causal and mask is None:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    if mask is not None:
+        p = p.nan_to_num(0.0)  # rows with no key allowed: zeros, not NaN
+    return p.to(v.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -17,7 +43,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = attention(q, k, v, mask, causal)
         return self.proj(y.transpose(1, 2).reshape(b, n, w))
 
 
@@ -86,5 +112,5 @@ class AttentionPool(nn.Module):
         h, d = self.heads, self.q.out_features
         q = self.q(self.ln_q(self.query)).view(1, -1, h, d // h).transpose(1, 2).expand(b, -1, -1, -1)
         k, v = self.kv(self.ln_kv(x)).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)
+        y = attention(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(b, -1, d))
