@@ -62,14 +62,16 @@ def _chunked(x, weight, bias, targets, scale, chunk, need):
             rows = slice(start, start + chunk)
             xr, t = xc[rows], targets[rows]
             logits = F.linear(xr, w, b).float()
-            lse = logits.logsumexp(1)
-            loss += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * scale[rows]).sum()
-            correct[rows] = logits.argmax(1) == t
+            top, best = logits.max(1)  # one pass for the argmax and logsumexp's shift
+            target = logits.gather(1, t[:, None]).squeeze(1)
+            correct[rows] = best == t
+            p = logits.sub_(top[:, None]).exp_()  # the softmax's numerators, in place of the logits: one exp
+            total = p.sum(1)
+            loss += ((total.log() + top - target) * scale[rows]).sum()
             if gx is None and gw is None and gb is None:
                 continue
-            g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
-            g[torch.arange(len(t), device=g.device), t] -= 1
-            g.mul_(scale[rows, None])  # d loss / d logits
+            g = p.mul_((scale[rows] / total)[:, None])  # scale * softmax
+            g[torch.arange(len(t), device=g.device), t] -= scale[rows]  # d loss / d logits
             if gb is not None:
                 gb += g.sum(0)
             g = g.to(dtype)
