@@ -5,6 +5,8 @@
 # MODEL: tiny-clip (default) or tiny-coca (vlpt's coca on open_clip's tiny-coca shapes, with full-length
 # captions: every position a real token, so vlpt's logits-for-real-tokens-only saves nothing here).
 # COMPILE=1: in bf16 both trainers also run with torch.compile (rows "open_clip-compiled", "vlpt-compiled").
+# VLPT_LEAN="ARGS": in bf16 vlpt also runs with these throughput.py arguments added (row "vlpt-lean"), e.g.
+# VLPT_LEAN="--grad-ckpt objectives.captioning.chunk_tokens=340".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${1:-3}; BATCH=${2:-64}; MODEL=${3:-tiny-clip}
@@ -27,6 +29,9 @@ for r in $(seq "$ROUNDS"); do
     if [ "${COMPILE:-0}" = 1 ] && [ "$prec" = bf16 ]; then
       echo "open_clip-compiled $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" "${STEPS[@]}" $amp --compile | grep RESULT)" | tee -a "$out"
       echo "vlpt-compiled $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" --compile "${VLPT[@]}" 2>/dev/null | grep RESULT)" | tee -a "$out"
+    fi
+    if [ -n "${VLPT_LEAN:-}" ] && [ "$prec" = bf16 ]; then
+      echo "vlpt-lean $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" $VLPT_LEAN | grep RESULT)" | tee -a "$out"
     fi
     if [ "$MODEL" = tiny-clip ]; then  # vlpt with its own 4,096-token vocabulary too
       echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" | grep RESULT)" | tee -a "$out"

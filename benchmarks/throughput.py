@@ -47,7 +47,7 @@ def main() -> None:
                    help="tokens before each caption's <eot>, then padding (0: no padding, every position real)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.decoder.depth=4")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()  # flags may follow the overrides
 
     if args.threads:
         torch.set_num_threads(args.threads)
