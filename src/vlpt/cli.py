@@ -269,7 +269,7 @@ DEMO_HELP = """CLIP on vlpt's built-in scenes (generated, nothing downloaded), s
 on every call."""
 
 DEMO_EXAMPLES = """examples:
-  vlpt demo                                                 # runs/demo, ~7 minutes on 2 cores
+  vlpt demo                                                 # runs/demo, ~6 minutes on 2 cores
   vlpt demo --out /tmp/demo train.steps=50                  # a shorter look"""
 
 
