@@ -15,9 +15,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               causal: bool = False) -> torch.Tensor:
     """F.scaled_dot_product_attention's result (a boolean `mask`: True where a query may attend; `causal`:
     aligned top-left, as SDPA's; a query that may attend nowhere gets zeros, as SDPA gives).
-    On CPU in bf16/fp16, PyTorch's fused kernel takes 2-6x longer, forward + backward, than the unfused
-    matmuls at sequence lengths up to ~600 (benchmarks/attention_cpu.py), so there it is spelled out:
-    scores in the inputs' dtype, softmax in fp32, as SDPA's math path and eager attention elsewhere do."""
+    On CPU in bf16/fp16, PyTorch's fused kernel takes longer, forward + backward, than the unfused matmuls
+    (3.4x at 65 tokens, 1.4x at 577: benchmarks/attention_cpu.py), so there it is spelled out: scores in the
+    inputs' dtype, softmax in fp32, as non-fused attention under autocast usually runs."""
     fused = (q.device.type != "cpu" or q.dtype not in (torch.bfloat16, torch.float16)
              or q.shape[-2] * k.shape[-2] > UNFUSED_MAX_SCORES)
     if fused:
