@@ -23,10 +23,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
-    if causal and mask is None:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    elif causal:  # every query sees at least the first key: no empty rows
+        later = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(later, float("-inf"))
     p = torch.softmax(scores, dim=-1, dtype=torch.float32)
     if mask is not None:
         p = p.nan_to_num(0.0)  # rows with no key allowed: zeros, not NaN
