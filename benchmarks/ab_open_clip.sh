@@ -21,20 +21,28 @@ BENCH=$(cd ../shared/peers/open_clip && pwd)/bench.py
 JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 [ -f "$JE" ] && export LD_PRELOAD=$JE MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1,retain:true
 out=$(mktemp)
+peer() {  # ROW [ARGS...]: one open_clip run in precision $prec, its RESULT line recorded under ROW
+  local row=$1; shift
+  echo "$row $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" "${STEPS[@]}" $amp "$@" | grep RESULT)" | tee -a "$out"
+}
+ours() {  # ROW [ARGS...]: one vlpt run in precision $prec
+  local row=$1; shift
+  echo "$row $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision "$prec" "${STEPS[@]}" "${VLPT[@]}" "$@" | grep RESULT)" | tee -a "$out"
+}
 for r in $(seq "$ROUNDS"); do
   for prec in fp32 bf16; do
     amp=""; [ "$prec" = bf16 ] && amp="--amp-bf16"
-    echo "open_clip $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" "${STEPS[@]}" $amp | grep RESULT)" | tee -a "$out"
-    echo "vlpt $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+    peer open_clip
+    ours vlpt
     if [ "${COMPILE:-0}" = 1 ] && [ "$prec" = bf16 ]; then
-      echo "open_clip-compiled $prec $(PYTHONWARNINGS=ignore "$PEER/bin/python" "$BENCH" --model "$MODEL" --batch "$BATCH" "${STEPS[@]}" $amp --compile | grep RESULT)" | tee -a "$out"
-      echo "vlpt-compiled $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" --compile "${VLPT[@]}" 2>/dev/null | grep RESULT)" | tee -a "$out"
+      peer open_clip-compiled --compile
+      ours vlpt-compiled --compile 2>/dev/null
     fi
     if [ -n "${VLPT_LEAN:-}" ] && [ "$prec" = bf16 ]; then
-      echo "vlpt-lean $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" $VLPT_LEAN | grep RESULT)" | tee -a "$out"
+      ours vlpt-lean $VLPT_LEAN
     fi
     if [ "$MODEL" = tiny-clip ]; then  # vlpt with its own 4,096-token vocabulary too
-      echo "vlpt-bpe4096 $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --vocab 4096 --batch "$BATCH" --precision $prec "${STEPS[@]}" "${VLPT[@]}" | grep RESULT)" | tee -a "$out"
+      ours vlpt-bpe4096 --vocab 4096
     fi
   done
 done
