@@ -168,7 +168,9 @@ class CaptionDecoder(nn.Module):
         mask = None if parallel is None else causal | parallel[:, None, None, None]  # None = plain causal
         if self.cls_token is None:
             return self._run(self.unimodal, x, mask), None, mask
-        x = torch.cat([x, self.cls_token.expand(b, -1, -1) + self.pos_embed[:, n : n + 1]], dim=1)
+        # the [CLS] keeps the context's last position when trailing padding was dropped (trim_padding)
+        last = self.context_length - 1
+        x = torch.cat([x, self.cls_token.expand(b, -1, -1) + self.pos_embed[:, last : last + 1]], dim=1)
         text_rows = mask if mask is not None else causal.expand(b, 1, n, n)
         # text rows never see the [CLS]; the [CLS] row sees every non-padding token and itself
         top = torch.cat([text_rows, torch.zeros(b, 1, n, 1, dtype=torch.bool, device=x.device)], dim=3)

@@ -55,6 +55,7 @@ class ImageTextModel(nn.Module):
         if self.text_proj is not None:
             nn.init.normal_(self.text_proj.weight, std=text_width**-0.5)
         self.locked: set[str] = set()
+        self.pad_id = vocab.pad
         self.set_grad_checkpointing(cfg.grad_checkpointing)
 
     @property
@@ -64,6 +65,13 @@ class ImageTextModel(nn.Module):
     @property
     def has_decoder(self) -> bool:
         return "caption" in self.abilities
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether no output depends on padding after the captions: every tower pools at <eot> or over real
+        tokens and attends causally or to real tokens only. open_clip's decoder (imported weights) does not:
+        its [CLS] follows all L positions and sees the first padding token."""
+        return self.decoder is None or self.decoder.style != "open_clip"
 
     def tower(self, name: str) -> nn.Module | None:
         """The module of a tower named as in model.init / model.lock."""

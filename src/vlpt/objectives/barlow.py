@@ -20,6 +20,7 @@ class Barlow(Objective):
     (image view, text view) pair. BarLIP's 0.025 scale is the recipe's weight."""
 
     needs = frozenset({"image_pooled", "text_features"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

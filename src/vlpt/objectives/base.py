@@ -17,6 +17,12 @@ outputs (captioning): plain gradient accumulation is then exact, so the training
 for it (vlpt.train.exact_accum). The default, False, is the safe one: the loss couples examples (contrastive
 negatives, batch statistics, gathers).
 
+`padding_free = True` declares a loss that does not depend on how many padding positions follow the captions
+(it reads embeddings, or token positions only where they are real): the training loop may then drop the
+columns that are padding in every caption of a batch (Pretrainer.trim_padding), which saves the text towers'
+and the caption decoder's work on them. The default, False, is the safe one: e.g. M3AE masks a fraction of
+all text positions, and CapPa's parallel rows attend to every position.
+
 Its parameters train with the model (no weight decay on 1-D tensors and on names ending in `_token` or
 `query`) and live in checkpoints. Gathers across processes live in the objective.
 """
@@ -41,6 +47,7 @@ class Objective(nn.Module):
     abilities: frozenset[str] = frozenset()  # what its heads give evaluators at inference (see `ability`)
     sets: frozenset[str] = frozenset()  # batch keys its prepare() adds that a view reads (e.g. "image_keep")
     per_example: bool = False
+    padding_free: bool = False  # its loss is the same with the batch's all-padding text columns dropped
     ema_target: bool = False  # keeps an averaged copy of the model (`attach`), which train.fsdp cannot shard
 
     @dataclasses.dataclass

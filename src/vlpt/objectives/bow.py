@@ -26,6 +26,7 @@ def bag_of_words(text: torch.Tensor, vocab: Vocab) -> torch.Tensor:
 
 class BowPrediction(Objective):
     needs = frozenset({"image_pooled"})
+    padding_free = True
     abilities = frozenset({"bow_logits"})
 
     def __init__(self, options: dict | None = None, model=None, vocab: Vocab | None = None):

@@ -27,7 +27,11 @@ class Captioning(Objective):
     @dataclasses.dataclass
     class Options:
         parallel_prob: float = 0.0  # CapPa: 0.75; Cap and CoCa: 0
-        chunk_tokens: int = 0  # target tokens per chunk of logits; 0: as many as CHUNK_LOGITS logits
+        chunk_tokens: int = 0  # target tokens per chunk of logits; 0: as many as make CHUNK_LOGITS logits
+
+    @property
+    def padding_free(self) -> bool:  # CapPa's parallel rows attend to every position, padding included
+        return self.opts.parallel_prob == 0
 
     @classmethod
     def check(cls, options, cfg) -> None:

@@ -28,6 +28,7 @@ class CL2L(Objective):
     reference's `loss_avg_or_sum: sum` is weight 2). All gathers carry gradients."""
 
     needs = frozenset({"image_embed", "text_embed", "image_pooled@image_views", "text_features@text_views"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

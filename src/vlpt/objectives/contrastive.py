@@ -38,6 +38,7 @@ class Contrastive(Objective):
     """
 
     needs = frozenset({"image_embed", "text_embed"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

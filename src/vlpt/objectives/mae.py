@@ -19,6 +19,7 @@ from vlpt.objectives.masked import DecoderOptions, MaskedDecoder, check_options,
 
 class MAE(Objective):
     needs = frozenset({"image_tokens@masked"})
+    padding_free = True
     sets = frozenset({"image_keep"})
 
     @dataclasses.dataclass

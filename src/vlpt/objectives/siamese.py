@@ -19,6 +19,7 @@ class Siamese(Objective):
     text view) pair."""
 
     needs = frozenset({"image_pooled", "text_features"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

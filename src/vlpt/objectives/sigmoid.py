@@ -20,6 +20,7 @@ class Sigmoid(Objective):
     """
 
     needs = frozenset({"image_embed", "text_embed"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

@@ -21,6 +21,7 @@ class SimCLR(Objective):
     embeddings (with gradients)."""
 
     needs = frozenset({"image_pooled@image_views"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

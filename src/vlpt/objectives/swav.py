@@ -56,6 +56,7 @@ class SwAV(Objective):
     weighs it 0.2 (the recipe's weight)."""
 
     needs = frozenset({"image_pooled@image_views", "text_features@text_views"})
+    padding_free = True
 
     @dataclasses.dataclass
     class Options:

@@ -171,7 +171,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, stop_at: int |
                 done = step + 1
                 batch = next(it)
                 bad_images.add(batch.pop("bad"), len(batch["text"]), done)
-                batch = to_device(batch, device)
+                batch = to_device(module.trim_padding(batch), device)
                 batch.update(image_views(batch["image"], step))  # views on the device the batch trains on
                 result = train_step(parts, batch, done, steps, flags=signals.flags)
                 streak.add(result.updated, done, state.newest)  # no checkpoint is written during a streak

@@ -13,6 +13,8 @@ from vlpt.objectives import Objective, objective_class
 from vlpt.train.ema import EMA
 from vlpt.train.towers import init_towers, lock_towers
 
+TEXT_KEYS = ("text", "text_views")  # a batch's token ids [..., L], positions last
+
 
 def module_key(name: str) -> str:
     """An objective's name as a submodule name ("my_pkg.losses:Align" has dots, which modules cannot)."""
@@ -36,6 +38,28 @@ class Pretrainer(nn.Module):
     def forward(self, batch: dict) -> tuple[torch.Tensor, dict]:
         batch = self.prepare(batch)
         return self.losses(self.model(batch, self.needs), batch)
+
+    @property
+    def padding_free(self) -> bool:
+        """Whether the losses are the same with the batch's all-padding text columns dropped."""
+        return self.model.padding_free and all(o.padding_free for o in self.objectives.values())
+
+    def trim_padding(self, batch: dict, multiple: int = 8) -> dict:
+        """`batch` without the trailing text columns that are padding in every caption and every text view,
+        rounded up to a multiple of `multiple` columns (aligned matmuls, few shapes for torch.compile); the
+        batch itself when a part of the recipe reads padding. Call it while the batch is on the host: the
+        length is read from the tokens. Captions are mostly shorter than the context, so the text towers and
+        the caption decoder skip most padding (positions are absolute, so the rest is unchanged)."""
+        keys = [k for k in TEXT_KEYS if k in batch]
+        if not keys or not self.padding_free:
+            return batch
+        width = batch[keys[0]].shape[-1]
+        real = torch.cat([(batch[k] != self.model.pad_id).reshape(-1, width) for k in keys]).any(0)
+        used = int(real.nonzero().max()) + 1 if real.any() else 1
+        length = min(width, -(-used // multiple) * multiple)
+        if length == width:
+            return batch
+        return {**batch, **{k: batch[k][..., :length].contiguous() for k in keys}}
 
     # the three stages, which exact gradient accumulation (vlpt.train.exact_accum) runs apart
     def prepare(self, batch: dict) -> dict:
