@@ -14,7 +14,10 @@ from vlpt.objectives.base import Objective
 from vlpt.objectives.linear_ce import linear_cross_entropy
 from vlpt.typed import ConfigError
 
-CHUNK_LOGITS = 2**26  # fp32 logits per chunk by default (256 MB): large matmuls, a bounded footprint
+# fp32 logits per chunk by default: on a GPU 2^26 (256 MB), few large kernels; on a CPU 2^22 (16 MB), which
+# trains tiny-coca as fast as 2^26 with 260 MB less peak memory (docs/results.md)
+CHUNK_LOGITS = {"cpu": 2**22}
+CHUNK_LOGITS_ELSEWHERE = 2**26
 
 
 class Captioning(Objective):
@@ -52,7 +55,8 @@ class Captioning(Objective):
         # each token weighs 1 / (its example's real tokens * examples): per-example means, then their mean
         per_token = 1.0 / (real.sum(1).clamp(min=1) * real.shape[0]).float()
         scale = per_token[:, None].expand_as(real)[real]
-        chunk = self.opts.chunk_tokens or max(1, CHUNK_LOGITS // head.out_features)
+        logits = CHUNK_LOGITS.get(hidden.device.type, CHUNK_LOGITS_ELSEWHERE)
+        chunk = self.opts.chunk_tokens or max(1, logits // head.out_features)
         loss, correct = linear_cross_entropy(hidden[real], head.weight, head.bias, targets[real], scale, chunk)
         metrics = {"token_acc": correct.sum() / max(correct.numel(), 1)}
         if "parallel" in batch:

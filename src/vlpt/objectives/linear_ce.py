@@ -80,8 +80,8 @@ def _chunked(x, weight, bias, targets, scale, chunk, need):
             if gw is not None:
                 if dtype == torch.float32:
                     gw.addmm_(g.T, xr)
-                else:
-                    gw += (g.T @ xr).float()
+                else:  # the [V,W] product added in place, with no fp32 copy of it
+                    gw += g.T @ xr
     gw = None if gw is None else gw.to(weight.dtype)
     gb = None if gb is None else gb.to(bias.dtype)
     return loss, correct, gx, gw, gb
