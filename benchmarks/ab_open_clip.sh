@@ -2,8 +2,10 @@
 # A/B training throughput, vlpt vs open_clip, same shapes (tiny-clip), same machine, interleaved rounds.
 # Needs the peer venv: ../shared/peers/open_clip/setup.sh /tmp/peer-openclip
 # Usage: benchmarks/ab_open_clip.sh [ROUNDS] [BATCH] [MODEL]   -> one RESULT line per run, then medians.
-# MODEL: tiny-clip (default) or tiny-coca (vlpt's coca on open_clip's tiny-coca shapes, with full-length
-# captions: every position a real token, so vlpt's logits-for-real-tokens-only saves nothing here).
+# MODEL: tiny-clip (default) or tiny-coca (vlpt's coca on open_clip's tiny-coca shapes).
+# Captions: vlpt gets the peer bench's own caption lengths (4-20 words, padded to the 32-token context;
+# throughput.py --peer-captions), and trims the all-padding columns as its training loop does. In bf16 the
+# row "vlpt-unpadded" is vlpt on captions that fill the context (nothing to trim, every logit a real token).
 # COMPILE=1: in bf16 both trainers also run with torch.compile (rows "open_clip-compiled", "vlpt-compiled").
 # VLPT_LEAN="ARGS": in bf16 vlpt also runs with these throughput.py arguments added (row "vlpt-lean"), e.g.
 # VLPT_LEAN="--grad-ckpt objectives.captioning.chunk_tokens=340".
@@ -29,20 +31,22 @@ ours() {  # ROW [ARGS...]: one vlpt run in precision $prec
   local row=$1; shift
   echo "$row $prec $(.venv/bin/python benchmarks/throughput.py --preset tiny-clip --batch "$BATCH" --precision "$prec" "${STEPS[@]}" "${VLPT[@]}" "$@" | grep RESULT)" | tee -a "$out"
 }
+caps=--peer-captions
 for r in $(seq "$ROUNDS"); do
   for prec in fp32 bf16; do
     amp=""; [ "$prec" = bf16 ] && amp="--amp-bf16"
     peer open_clip
-    ours vlpt
+    ours vlpt $caps
+    [ "$prec" = bf16 ] && ours vlpt-unpadded
     if [ "${COMPILE:-0}" = 1 ] && [ "$prec" = bf16 ]; then
       peer open_clip-compiled --compile
-      ours vlpt-compiled --compile 2>/dev/null
+      ours vlpt-compiled $caps --compile 2>/dev/null
     fi
     if [ -n "${VLPT_LEAN:-}" ] && [ "$prec" = bf16 ]; then
-      ours vlpt-lean $VLPT_LEAN
+      ours vlpt-lean $caps $VLPT_LEAN
     fi
     if [ "$MODEL" = tiny-clip ]; then  # vlpt with its own 4,096-token vocabulary too
-      ours vlpt-bpe4096 --vocab 4096
+      ours vlpt-bpe4096 $caps --vocab 4096
     fi
   done
 done

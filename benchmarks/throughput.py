@@ -6,14 +6,18 @@ open_clip, so the two can be run A/B on the same shapes.
 MFU = (FLOPs of one step, counted by torch.utils.flop_counter) / step time / the machine's matmul peak,
 measured here with square matmuls in the training dtype, best size (vlpt.bench.matmul_peak; not a datasheet
 number). `vlpt bench` measures the same step and more; this script keeps the flags of earlier results
-(--caption-tokens: padded captions).
+(--caption-tokens: padded captions) and can draw the captions' lengths as the peer's bench does
+(--peer-captions). The batch is trimmed of all-padding text columns as the training loop trims it
+(Pretrainer.trim_padding): full-length captions are never trimmed.
 
   python benchmarks/throughput.py --preset tiny-clip --batch 64 --precision bf16
+  python benchmarks/throughput.py --preset tiny-clip --batch 64 --precision bf16 --peer-captions
 """
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import resource
 import statistics
 import time
@@ -31,6 +35,16 @@ from vlpt.train.pretrainer import build
 from vlpt.train.step import StepParts, autocast_dtype, train_step
 
 
+def peer_caption_words(batch: int) -> list[int]:
+    """Each caption's word count as the peer's bench draws them (random.seed(0), then per caption
+    randint(4, 20) words by random.choices, one random() each); its words are one BPE token each."""
+    rng, counts = random.Random(0), []
+    for _ in range(batch):
+        counts.append(rng.randint(4, 20))
+        rng.choices(range(20), k=counts[-1])  # the words themselves: only their draws matter here
+    return counts
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="clip")
@@ -45,6 +59,9 @@ def main() -> None:
     p.add_argument("--accum", type=int, default=1, help="micro-batches per step (train.accum_steps)")
     p.add_argument("--caption-tokens", type=int, default=0,
                    help="tokens before each caption's <eot>, then padding (0: no padding, every position real)")
+    p.add_argument("--peer-captions", action="store_true",
+                   help="captions as ../shared/peers/open_clip/bench.py draws them: 4-20 words of one token each "
+                        "(its draws with seed 0), <sot> and <eot>, then padding")
     p.add_argument("--compile", action="store_true")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.decoder.depth=4")
     args = p.parse_intermixed_args()  # flags may follow the overrides
@@ -66,12 +83,17 @@ def main() -> None:
     s = cfg.model.vision.image_size
     L = cfg.model.text.context_length
     text = torch.randint(5, args.vocab, (args.batch, L), device=device)
-    if args.caption_tokens:
-        n = min(args.caption_tokens, L - 2)
-        text[:, 0], text[:, n + 1], text[:, n + 2 :] = 1, 2, 0  # <sot> words <eot> <pad>...
+    if args.peer_captions:
+        words = peer_caption_words(args.batch)
+    elif args.caption_tokens:
+        words = [min(args.caption_tokens, L - 2)] * args.batch
     else:
+        words = None
         text[:, torch.randint(4, L, (1,)).item()] = 2
-    batch = {"image": torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device), "text": text}
+    for row, n in enumerate(words or []):
+        text[row, 0], text[row, n + 1], text[row, n + 2 :] = 1, 2, 0  # <sot> words <eot> <pad>...
+    image = torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device)
+    batch = module.trim_padding({"image": image, "text": text})  # as the training loop trims its batches
 
     def step():
         return train_step(parts, batch, 1, 1).loss
@@ -95,7 +117,8 @@ def main() -> None:
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
     res = {
         "recipe": args.recipe, "preset": args.preset, "batch": args.batch, "vocab": args.vocab,
-        "caption_tokens": args.caption_tokens, "accum": args.accum, "exact": parts.exact, "precision": args.precision,
+        "caption_tokens": args.caption_tokens, "peer_captions": args.peer_captions,
+        "text_length": batch["text"].shape[1], "accum": args.accum, "exact": parts.exact, "precision": args.precision,
         "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "params_M": round(sum(q.numel() for q in module.parameters()) / 1e6, 3),
         "median_step_s": round(med, 4), "samples_per_s": round(args.batch / med, 1),

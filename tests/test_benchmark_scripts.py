@@ -1,6 +1,6 @@
 """The scripts of benchmarks/ that docs/results.md quotes: summary_table.py (its tables: cells are mean ± std
-of the first alternative metric a recipe has), beam_search.py and attention_cpu.py run, and a mistake is one
-line."""
+of the first alternative metric a recipe has), beam_search.py, attention_cpu.py and throughput.py run, and a
+mistake is one line."""
 import json
 import subprocess
 import sys
@@ -49,3 +49,19 @@ def test_attention_benchmark_times_both_paths_and_refuses_a_bad_shape():
     assert [r.split(" | ")[0] for r in rows] == ["| 2x2x9x8", "| 2x2x7x8:causal"]
     bad = script("attention_cpu.py", "--shapes", "2x2x9")
     assert bad.returncode == 1 and bad.stdout == "" and bad.stderr.startswith("error: --shapes '2x2x9'")
+
+
+def test_throughput_gives_the_peers_caption_lengths_and_trims_their_padding():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from throughput import peer_caption_words
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # ../shared/peers/open_clip/bench.py's first captions, tokenised by open_clip: 16, 8, 10, 4, 6 words
+    assert peer_caption_words(64)[:5] == [16, 8, 10, 4, 6] and max(peer_caption_words(64)) == 20
+    out = script("throughput.py", "--recipe", "coca", "--preset", "micro", "--batch", 4, "--vocab", 300,
+                 "--precision", "fp32", "--warmup", 0, "--steps", 1, "--peer-captions", "model.text.context_length=48")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.split("RESULT ", 1)[1])
+    # the longest caption, 16 words + <sot> + <eot>, rounded up to a multiple of 8
+    assert result["text_length"] == 24 and result["samples_per_s"] > 0
