@@ -21,7 +21,7 @@ import dist_grad_worker as worker  # noqa: E402
 from vlpt import config  # noqa: E402
 from vlpt.data.tokenizer import Vocab  # noqa: E402
 from vlpt.models.model import ImageTextModel  # noqa: E402
-from vlpt.objectives import OBJECTIVES  # noqa: E402
+from vlpt.objectives import OBJECTIVES, linear_ce  # noqa: E402
 from vlpt.train import exact_accum  # noqa: E402
 from vlpt.train.microbatch import split  # noqa: E402
 from vlpt.train.pretrainer import Pretrainer, build  # noqa: E402
@@ -74,7 +74,11 @@ def loss_and_grads(module: Pretrainer, batch: dict, dense: bool, bf16: bool = Fa
 LENGTHS = [3, 6, 10, 1, 11]
 
 
-def test_chunked_caption_loss_equals_the_dense_loss_and_gradients_in_fp32():
+@pytest.mark.parametrize("softmax_rows", [0, 4])
+def test_chunked_caption_loss_equals_the_dense_loss_and_gradients_in_fp32(softmax_rows, monkeypatch):
+    """softmax_rows=4: each chunk's softmax runs over blocks of 4 rows (4, then 2: ragged too)."""
+    if softmax_rows:
+        monkeypatch.setattr(linear_ce, "SOFTMAX_LOGITS", softmax_rows * V)
     module = coca(["objectives.captioning.chunk_tokens=6"])  # 35 real tokens: 5 full chunks and a ragged one
     batch = batch_of(LENGTHS)
     want_loss, want = loss_and_grads(module, batch, dense=True)

@@ -14,9 +14,9 @@ from vlpt.objectives.base import Objective
 from vlpt.objectives.linear_ce import linear_cross_entropy
 from vlpt.typed import ConfigError
 
-# fp32 logits per chunk by default: on a GPU 2^26 (256 MB), few large kernels; on a CPU 2^22 (16 MB), which
-# trains tiny-coca as fast as 2^26 with 260 MB less peak memory (docs/results.md)
-CHUNK_LOGITS = {"cpu": 2**22}
+# logits per chunk by default: on a GPU 2^26, few large kernels; on a CPU 2^24 (their gradients 32 MB in bf16),
+# which trains tiny-coca as fast as 2^26 with 240 MB less peak memory (docs/results.md)
+CHUNK_LOGITS = {"cpu": 2**24}
 CHUNK_LOGITS_ELSEWHERE = 2**26
 
 

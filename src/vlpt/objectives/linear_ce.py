@@ -1,11 +1,11 @@
 """A linear layer's cross-entropy computed in chunks of rows (a fused linear + cross-entropy).
 
 A vocabulary head's loss never needs all its logits at once. Each chunk of rows gets its logits (in fp32, as
-a softmax over tens of thousands of classes needs), its share of the loss and, since the loss is a weighted
-sum whose weights are known in the forward pass, its gradients w.r.t. the rows, the weight and the bias; then
-its logits are freed. Backward only scales the stored gradients. So a step does the dense loss's three
-matmuls while holding one chunk of fp32 logits instead of all [N,V] logits plus their fp32 copy, their
-log-softmax and its gradient.
+a softmax over tens of thousands of classes needs, a few rows at a time), its share of the loss and, since
+the loss is a weighted sum whose weights are known in the forward pass, its gradients w.r.t. the rows, the
+weight and the bias; then its logits are freed. Backward only scales the stored gradients. So a step does
+the dense loss's three matmuls while holding one chunk's logit gradients (in the compute dtype) and a few
+rows of fp32 logits, instead of all [N,V] logits plus their fp32 copy, their log-softmax and its gradient.
 """
 from __future__ import annotations
 
@@ -47,9 +47,17 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+SOFTMAX_LOGITS = 2**22  # fp32 logits per softmax pass (16 MB): row blocks that stay in a CPU's caches
+
+
 def _chunked(x, weight, bias, targets, scale, chunk, need):
-    """-> (loss, correct, grad x, grad weight, grad bias); a gradient is None where `need` says so."""
+    """-> (loss, correct, grad x, grad weight, grad bias); a gradient is None where `need` says so.
+
+    Each chunk of rows keeps its logits' gradient in the compute dtype, built by softmax passes over
+    smaller row blocks (SOFTMAX_LOGITS), so the chunk's weight-gradient matmul has as many rows as memory
+    allows while the fp32 softmax work stays small."""
     n, dtype = x.shape[0], _compute_dtype(x)
+    grads = any(need)
     with torch.autocast(x.device.type, enabled=False):  # the casts are explicit here
         xc, w = x.to(dtype), weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -58,25 +66,29 @@ def _chunked(x, weight, bias, targets, scale, chunk, need):
         gx = torch.empty_like(x) if need[0] else None
         gw = torch.zeros_like(weight, dtype=torch.float32) if need[1] else None  # fp32 sums over the chunks
         gb = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and need[2] else None
+        block = max(1, min(chunk, SOFTMAX_LOGITS // weight.shape[0]))
         for start in range(0, n, chunk):
-            rows = slice(start, start + chunk)
-            xr, t = xc[rows], targets[rows]
-            logits = F.linear(xr, w, b).float()
-            top, best = logits.max(1)  # one pass for the argmax and logsumexp's shift
-            target = logits.gather(1, t[:, None]).squeeze(1)
-            correct[rows] = best == t
-            p = logits.sub_(top[:, None]).exp_()  # the softmax's numerators, in place of the logits: one exp
-            total = p.sum(1)
-            loss += ((total.log() + top - target) * scale[rows]).sum()
-            if gx is None and gw is None and gb is None:
-                continue
-            g = p.mul_((scale[rows] / total)[:, None])  # scale * softmax
-            g[torch.arange(len(t), device=g.device), t] -= scale[rows]  # d loss / d logits
-            if gb is not None:
-                gb += g.sum(0)
-            g = g.to(dtype)
+            xr = xc[start : start + chunk]
+            g = torch.empty(len(xr), weight.shape[0], device=x.device, dtype=dtype) if grads else None
+            for sub in range(0, len(xr), block):
+                rows = slice(start + sub, start + min(sub + block, len(xr)))
+                t, s = targets[rows], scale[rows]
+                logits = F.linear(xr[sub : sub + block], w, b).float()
+                top, best = logits.max(1)  # one pass for the argmax and logsumexp's shift
+                target = logits.gather(1, t[:, None]).squeeze(1)
+                correct[rows] = best == t
+                p = logits.sub_(top[:, None]).exp_()  # the softmax's numerators, in place of the logits: one exp
+                total = p.sum(1)
+                loss += ((total.log() + top - target) * s).sum()
+                if not grads:
+                    continue
+                p.mul_((s / total)[:, None])  # scale * softmax
+                p[torch.arange(len(t), device=p.device), t] -= s  # d loss / d logits
+                if gb is not None:
+                    gb += p.sum(0)
+                g[sub : sub + block] = p
             if gx is not None:
-                gx[rows] = g @ w
+                gx[start : start + chunk] = g @ w
             if gw is not None:
                 if dtype == torch.float32:
                     gw.addmm_(g.T, xr)
