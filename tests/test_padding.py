@@ -92,3 +92,16 @@ def test_the_training_loop_trains_on_trimmed_batches(tmp_path, monkeypatch):
                                   "train.steps=2", "eval.tasks=[]"])
     loop.train(cfg, tmp_path, progress=False)
     assert len(lengths) == 2 and max(lengths) <= 40  # scene captions have at most 30-odd tokens
+
+
+def test_a_compiled_module_takes_batches_of_several_trimmed_lengths():
+    """torch.compile (train.compile) meets a new text length at most every few steps: it recompiles, once
+    with the length dynamic, and gives eager's loss on each."""
+    torch._dynamo.reset()
+    cfg = config.resolve("clip", ["model=micro", "train.steps=1"])
+    torch.manual_seed(0)
+    module = build(cfg, VOCAB).train()
+    compiled = torch.compile(module, backend="aot_eager")
+    for lengths in ([5, 7], [12, 3], [20, 9], [4, 6]):
+        batch = module.trim_padding(padded_batch(cfg, lengths))
+        torch.testing.assert_close(compiled(batch)[0], module(batch)[0])
