@@ -87,10 +87,10 @@ def main() -> None:
         words = peer_caption_words(args.batch)
     elif args.caption_tokens:
         words = [min(args.caption_tokens, L - 2)] * args.batch
-    else:
-        words = None
+    else:  # no padding: random tokens around one <eot>
+        words = []
         text[:, torch.randint(4, L, (1,)).item()] = 2
-    for row, n in enumerate(words or []):
+    for row, n in enumerate(words):
         text[row, 0], text[row, n + 1], text[row, n + 2 :] = 1, 2, 0  # <sot> words <eot> <pad>...
     image = torch.randint(0, 256, (args.batch, 3, s, s), dtype=torch.uint8, device=device)
     batch = module.trim_padding({"image": image, "text": text})  # as the training loop trims its batches

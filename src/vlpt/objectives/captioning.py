@@ -14,10 +14,9 @@ from vlpt.objectives.base import Objective
 from vlpt.objectives.linear_ce import linear_cross_entropy
 from vlpt.typed import ConfigError
 
-# logits per chunk by default: on a GPU 2^26, few large kernels; on a CPU 2^24 (their gradients 32 MB in bf16),
-# which trains tiny-coca as fast as 2^26 with 240 MB less peak memory (docs/results.md)
-CHUNK_LOGITS = {"cpu": 2**24}
-CHUNK_LOGITS_ELSEWHERE = 2**26
+CHUNK_LOGITS = 2**26  # logits per chunk by default on a GPU: few large kernels
+# on a CPU (their gradients 32 MB in bf16): tiny-coca trains as fast as with 2^26, in less memory (docs/results.md)
+CHUNK_LOGITS_CPU = 2**24
 
 
 class Captioning(Objective):
@@ -30,7 +29,7 @@ class Captioning(Objective):
     @dataclasses.dataclass
     class Options:
         parallel_prob: float = 0.0  # CapPa: 0.75; Cap and CoCa: 0
-        chunk_tokens: int = 0  # target tokens per chunk of logits; 0: as many as make CHUNK_LOGITS logits
+        chunk_tokens: int = 0  # target tokens per chunk of logits; 0: as many as make CHUNK_LOGITS(_CPU) logits
 
     @property
     def padding_free(self) -> bool:  # CapPa's parallel rows attend to every position, padding included
@@ -55,7 +54,7 @@ class Captioning(Objective):
         # each token weighs 1 / (its example's real tokens * examples): per-example means, then their mean
         per_token = 1.0 / (real.sum(1).clamp(min=1) * real.shape[0]).float()
         scale = per_token[:, None].expand_as(real)[real]
-        logits = CHUNK_LOGITS.get(hidden.device.type, CHUNK_LOGITS_ELSEWHERE)
+        logits = CHUNK_LOGITS_CPU if hidden.device.type == "cpu" else CHUNK_LOGITS
         chunk = self.opts.chunk_tokens or max(1, logits // head.out_features)
         loss, correct = linear_cross_entropy(hidden[real], head.weight, head.bias, targets[real], scale, chunk)
         metrics = {"token_acc": correct.sum() / max(correct.numel(), 1)}

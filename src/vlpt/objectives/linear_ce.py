@@ -71,9 +71,10 @@ def _chunked(x, weight, bias, targets, scale, chunk, need):
             xr = xc[start : start + chunk]
             g = torch.empty(len(xr), weight.shape[0], device=x.device, dtype=dtype) if grads else None
             for sub in range(0, len(xr), block):
-                rows = slice(start + sub, start + min(sub + block, len(xr)))
+                end = min(sub + block, len(xr))
+                rows = slice(start + sub, start + end)
                 t, s = targets[rows], scale[rows]
-                logits = F.linear(xr[sub : sub + block], w, b).float()
+                logits = F.linear(xr[sub:end], w, b).float()
                 top, best = logits.max(1)  # one pass for the argmax and logsumexp's shift
                 target = logits.gather(1, t[:, None]).squeeze(1)
                 correct[rows] = best == t
@@ -86,7 +87,7 @@ def _chunked(x, weight, bias, targets, scale, chunk, need):
                 p[torch.arange(len(t), device=p.device), t] -= s  # d loss / d logits
                 if gb is not None:
                     gb += p.sum(0)
-                g[sub : sub + block] = p
+                g[sub:end] = p
             if gx is not None:
                 gx[start : start + chunk] = g @ w
             if gw is not None:
